@@ -1,0 +1,361 @@
+"""The one typed configuration of a training run.
+
+Values are resolved in this order, each step overriding the previous one:
+
+1. the dataclass defaults below, which are the paper's ImageNet recipe
+   (SGD + Nesterov 0.9, lr 0.1 per 256 images, weight decay 1e-4, 90 epochs, lr / 10 at 30 and 60);
+2. the built-in recipe named by ``recipe`` (``paper`` changes nothing, ``modern`` is in RECIPES);
+3. a flat YAML file given with ``--config FILE`` (a run folder's ``config.yaml`` works as one);
+4. command-line flags, spelled like the keys with dashes (``--batch-size`` sets ``batch_size``).
+
+Unknown keys and values of the wrong type or outside their choices are errors that name the key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key and the fix."""
+
+
+def _opt(default: Any, help: str, choices: Optional[Sequence[str]] = None) -> Any:
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- what to train, on what, and where the run folder is
+    recipe: str = _opt("paper", "built-in recipe applied before --config and flags", ("paper", "modern"))
+    arch: str = _opt("densenet121", "model name from densenet.list_models()")
+    data: str = _opt("", "ImageNet root with train/ and val/, or 'demo' for the built-in demo data")
+    output_dir: str = _opt("", "run folder for checkpoints, logs and W&B files (default: runs/<arch>)")
+    num_classes: Optional[int] = _opt(None, "classifier size (default: number of classes in the data)")
+    drop_rate: float = _opt(0.0, "dropout rate after each dense layer")
+    memory_efficient: bool = _opt(False, "recompute concatenations in backward to save memory")
+
+    # --- optimisation (defaults: the paper)
+    epochs: int = _opt(90, "number of epochs")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in total (for quick runs)")
+    batch_size: int = _opt(32, "images per process per step (8 processes x 32 = the paper's 256)")
+    accum_steps: int = _opt(1, "micro-batches accumulated into one optimizer step")
+    base_lr: float = _opt(0.1, "learning rate per 256 images, scaled linearly to the global batch")
+    lr: Optional[float] = _opt(None, "peak learning rate as is (overrides the scaled base_lr)")
+    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD")
+    weight_decay: float = _opt(1e-4, "weight decay")
+    no_weight_decay_norm_bias: bool = _opt(False, "no weight decay on normalisation weights and biases")
+    lr_schedule: str = _opt("step", "learning rate schedule over optimizer steps", ("step", "cosine"))
+    lr_milestones: List[int] = _opt([30, 60], "epochs at which the step schedule multiplies lr by lr_gamma")
+    lr_gamma: float = _opt(0.1, "factor of the step schedule at each milestone")
+    warmup_epochs: float = _opt(0.0, "linear warmup from ~0 to the peak lr over this many epochs")
+    min_lr: float = _opt(0.0, "final learning rate of the cosine schedule")
+    grad_clip: Optional[float] = _opt(None, "clip the global gradient norm to this value")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    mixup: float = _opt(0.0, "mixup alpha (0 = off), timm's Mixup")
+    cutmix: float = _opt(0.0, "cutmix alpha (0 = off), timm's Mixup")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (timm) and evaluate it")
+    ema_decay: float = _opt(0.9999, "EMA decay per optimizer step")
+
+    # --- data pipeline
+    image_size: int = _opt(224, "training crop and evaluation centre crop size")
+    eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: size / 0.875)")
+    eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
+    workers: int = _opt(4, "data loader worker processes per training process")
+    auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5-inc1")
+    random_erasing: float = _opt(0.0, "random erasing probability")
+
+    # --- speed and numerics
+    device: str = _opt("auto", "device type: CUDA when available, else the CPU", ("auto", "cuda", "cpu"))
+    amp: str = _opt("auto", "mixed precision: auto = bf16 where the GPU supports it, off on the CPU",
+                    ("auto", "bf16", "fp16", "off"))
+    channels_last: Optional[bool] = _opt(None, "channels-last memory format (default: on for CUDA)")
+    compile: bool = _opt(False, "torch.compile the model")
+    sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across processes (CUDA)")
+    deterministic: bool = _opt(False, "deterministic algorithms: a resumed run matches an uninterrupted one bitwise")
+    seed: int = _opt(0, "random seed")
+
+    # --- checkpoints, resume, evaluation only
+    ckpt_every: int = _opt(1000, "also save last.pt every this many optimizer steps (0 = epoch ends only)")
+    keep_epochs: int = _opt(3, "keep the newest K epoch_XXXX.pt checkpoints (0 = none)")
+    resume: str = _opt("auto", "'auto' (newest valid checkpoint in the run folder), 'never', or a file")
+    evaluate: bool = _opt(False, "only evaluate --weights on the validation set")
+    weights: Optional[str] = _opt(None, "weights to start from or evaluate: a checkpoint or a torchvision file")
+
+    # --- logging
+    log_every: int = _opt(50, "print and record a training line every this many optimizer steps")
+    wandb: str = _opt("auto", "W&B mode: auto = online with credentials, otherwise offline",
+                      ("auto", "online", "offline", "disabled"))
+    wandb_project: str = _opt("densenet", "W&B project")
+    wandb_entity: Optional[str] = _opt(None, "W&B entity (team or user)")
+    wandb_name: Optional[str] = _opt(None, "W&B run name (default: the run folder's name)")
+    wandb_tags: List[str] = _opt([], "W&B tags")
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.arch}")
+
+
+# Built-in recipes: overrides of the paper defaults. ``modern`` follows what recent ImageNet recipes for
+# convolutional networks use (cosine + warmup, label smoothing, no decay on norms and biases, EMA,
+# mixup/cutmix, RandAugment); it is a starting point, not a tuned result.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    "modern": {
+        "epochs": 150,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 5.0,
+        "label_smoothing": 0.1,
+        "weight_decay": 5e-5,
+        "no_weight_decay_norm_bias": True,
+        "ema": True,
+        "ema_decay": 0.9999,
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "random_erasing": 0.25,
+    },
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union:
+        return _type_name(args[0]) + " or null"
+    if typing.get_origin(tp) in (list, List):
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check one value against the field's type; YAML already gives typed values."""
+    tp = _TYPES[key]
+    optional = typing.get_origin(tp) is typing.Union
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad()
+    if typing.get_origin(base) in (list, List):
+        (item_type,) = typing.get_args(base)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce_scalar(key, v, item_type, bad) for v in value]
+    return _coerce_scalar(key, value, base, bad)
+
+
+def _coerce_scalar(key: str, value: Any, tp: type, bad: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(value, bool):  # bool is an int in Python; never accept it as a number
+        raise bad()
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see python train_dist.py --help"
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """Read a flat YAML mapping of config keys (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    out: Dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            raise _unknown_key(str(raw_key), path)
+        out[key] = value
+    return out
+
+
+def _parse_cli_value(tp: Any) -> Any:
+    """argparse converter for Optional[...] flags: 'none' gives None."""
+    optional = typing.get_origin(tp) is typing.Union
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    convert.__name__ = base.__name__  # argparse names the type in its error message
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_dist.py",
+        description="Train or evaluate DenseNet-BC on ImageNet (DDP, AMP, exact resume). "
+        "Defaults are the paper's recipe; precedence: defaults < --recipe < --config FILE < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="flat YAML file of config keys")
+    parser.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                        help="start from scratch even if the run folder holds a checkpoint (same as --resume never)")
+    for name, f in _FIELDS.items():
+        tp = _TYPES[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {_default_text(f)})"
+        choices = f.metadata["choices"]
+        optional = typing.get_origin(tp) is typing.Union
+        base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+        if base is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(base) in (list, List):
+            (item,) = typing.get_args(base)
+            parser.add_argument(flag, dest=name, nargs="*", type=item, metavar=name.upper(), help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_parse_cli_value(tp), choices=choices,
+                                metavar=None if choices else name.upper(), help=help_text)
+    return parser
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return str(f.default_factory())  # type: ignore[misc]
+    return str(f.default)
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a Config from plain data, checking every key and value."""
+    checked: Dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise _unknown_key(key, source)
+        checked[key] = _coerce(key, value, source)
+    cfg = Config(**checked)
+    validate(cfg)
+    return cfg
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """Defaults, then the recipe, then --config FILE, then command-line flags."""
+    cli = vars(build_parser().parse_args(argv))
+    config_file = cli.pop("config", None)
+    from_file = load_yaml(config_file) if config_file else {}
+    recipe = cli.get("recipe", from_file.get("recipe", "paper"))
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    values: Dict[str, Any] = dict(RECIPES[recipe])
+    values.update(from_file)
+    values.update(cli)
+    values["recipe"] = recipe
+    # A file's values are checked here; flags were already converted by argparse.
+    return config_from_dict(values, source=config_file or "command line")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than the type: choices, ranges and combinations."""
+    for name, f in _FIELDS.items():
+        choices = f.metadata["choices"]
+        value = getattr(cfg, name)
+        if choices and value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    positive = ["epochs", "batch_size", "accum_steps", "image_size", "log_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["max_steps", "num_classes", "eval_resize", "eval_batch_size"]:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive (or null), got {value}")
+    for name in ["workers", "ckpt_every", "keep_epochs", "weight_decay", "warmup_epochs", "min_lr",
+                 "mixup", "cutmix", "momentum", "seed"]:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.base_lr <= 0 or (cfg.lr is not None and cfg.lr <= 0):
+        raise ConfigError(f"lr and base_lr must be positive, got lr={cfg.lr} base_lr={cfg.base_lr}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise ConfigError(f"grad_clip must be positive (or null for no clipping), got {cfg.grad_clip}")
+    for name in ["drop_rate", "label_smoothing", "random_erasing"]:
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    if cfg.lr_milestones != sorted(cfg.lr_milestones) or any(m <= 0 for m in cfg.lr_milestones):
+        raise ConfigError(f"lr_milestones must be increasing positive epochs, got {cfg.lr_milestones}")
+    if not 0.0 < cfg.lr_gamma <= 1.0:
+        raise ConfigError(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f"batch_size must be even with mixup/cutmix (timm mixes pairs), got {cfg.batch_size}")
+    if not cfg.data:
+        raise ConfigError("data: no data given; pass --data /path/to/imagenet (with train/ and val/) or --data demo")
+    if cfg.evaluate and not cfg.weights:
+        raise ConfigError("evaluate: --evaluate needs --weights FILE (a checkpoint of ours or a torchvision file)")
+    if cfg.device == "cpu" and cfg.amp == "fp16":
+        raise ConfigError("amp: fp16 needs CUDA (it relies on a CUDA GradScaler); use --amp bf16 or --amp off on the CPU")
+    if cfg.device == "cpu" and cfg.sync_bn:
+        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain data (str/int/float/bool/None/list) for YAML, checkpoints and W&B."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path, derived: Mapping[str, Any]) -> None:
+    """Write the resolved config as YAML that --config accepts back; derived values go in comments."""
+    header = "".join(f"# {k}: {v}\n" for k, v in derived.items())
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# resolved config of this run (usable with --config)\n" + header + body)
+    tmp.replace(path)
+
+
+def config_changes(old: Mapping[str, Any], new: Config) -> List[str]:
+    """Human-readable differences between a checkpoint's config and the current one."""
+    current = config_to_dict(new)
+    changes = []
+    for key in sorted(set(old) | set(current)):
+        if old.get(key, "<absent>") != current.get(key, "<absent>"):
+            changes.append(f"{key}: {old.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}")
+    return changes
