@@ -1,0 +1,134 @@
+# Functions shared by the launch scripts. Sourced, never run on its own.
+# shellcheck shell=bash
+
+launch_log() {
+    printf '[launch %s %s] %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$(hostname -s)" "$*"
+}
+
+die() {
+    launch_log "error: $*" >&2
+    exit 2
+}
+
+require_slurm_job() {
+    [[ -n "${SLURM_JOB_ID:-}" ]] ||
+        die "$(basename "$0") is a SLURM batch script: submit it with sbatch, or use launch/local.sh on a workstation"
+}
+
+# Sets REPO_DIR (the repository above LAUNCH_DIR) and TRAIN_SCRIPT (its train_dist.py unless
+# set), then loads site.sh: modules, python environment, NCCL.
+load_site() {
+    REPO_DIR=${REPO_DIR:-$(cd "$LAUNCH_DIR/.." && pwd)}
+    TRAIN_SCRIPT=${TRAIN_SCRIPT:-$REPO_DIR/train_dist.py}
+    [[ -f "$TRAIN_SCRIPT" ]] ||
+        die "training script $TRAIN_SCRIPT not found; set REPO_DIR to the repository that holds train_dist.py"
+    # shellcheck source=launch/site.sh
+    source "$LAUNCH_DIR/site.sh"
+    command -v torchrun >/dev/null 2>&1 ||
+        die "torchrun is not on PATH; set ACTIVATE (or MODULES) in launch/site.sh or in your environment"
+}
+
+is_positive_int() {
+    [[ "$1" =~ ^[1-9][0-9]*$ ]]
+}
+
+# GPUs SLURM gave this node: SLURM_GPUS_ON_NODE when the job asked for GPUs (--gpus-per-node,
+# --gres=gpu:N); the visible-device list for sites whose gres plugin sets only that.
+gpus_on_node() {
+    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "-1" ]]; then
+        local ids
+        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    else
+        echo 0
+    fi
+}
+
+# CPUs this task may use: --cpus-per-task when given, otherwise the CPUs of the allocation here.
+cpus_for_task() {
+    echo "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}"
+}
+
+# Decides how many training processes this node runs and sets NPROC: NPROC_PER_NODE if set,
+# else one per GPU, else (a CPU-only node, gloo) one per CPU. Shares the CPUs out among the
+# processes through OMP_NUM_THREADS unless that is already set.
+plan_processes() {
+    local gpus cpus
+    gpus=$(gpus_on_node)
+    cpus=$(cpus_for_task)
+    if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+        is_positive_int "$NPROC_PER_NODE" ||
+            die "NPROC_PER_NODE=$NPROC_PER_NODE is not a positive integer"
+        NPROC=$NPROC_PER_NODE
+    elif ((gpus > 0)); then
+        NPROC=$gpus
+    else
+        NPROC=$cpus
+    fi
+    if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+        OMP_NUM_THREADS=$((cpus / NPROC > 0 ? cpus / NPROC : 1))
+        export OMP_NUM_THREADS
+    fi
+    launch_log "$NPROC training processes on $(hostname -s) ($gpus GPUs, $cpus CPUs, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+}
+
+# The training processes torchrun started (its direct children).
+workers_of() {
+    pgrep -P "$1" || true
+}
+
+# Waits for the background job $1 until it has really exited (a trapped signal interrupts
+# `wait` while the job goes on) and sets EXIT_STATUS to its exit status.
+wait_until_exit() {
+    local pid=$1 again
+    while :; do
+        EXIT_STATUS=0
+        wait "$pid" || EXIT_STATUS=$?
+        kill -0 "$pid" 2>/dev/null && continue
+        # The job is gone. If a trap cut `wait` short just as it ended, its status is still
+        # waiting to be collected; a job already collected answers 127.
+        if ((EXIT_STATUS > 128)); then
+            again=0
+            wait "$pid" 2>/dev/null || again=$?
+            ((again != 127)) && EXIT_STATUS=$again
+        fi
+        return 0
+    done
+}
+
+# Sends SIGUSR1 to every node agent of this job on this node (their pids are in directory $1);
+# each passes it on to its training processes.
+signal_local_agents() {
+    local dir=$1 f pid found=0
+    for f in "$dir"/agent.*.pid; do
+        [[ -e "$f" ]] || continue
+        pid=$(<"$f")
+        if kill -USR1 "$pid" 2>/dev/null; then
+            launch_log "SIGUSR1 sent to node agent $pid ($(basename "$f"))"
+            found=1
+        fi
+    done
+    ((found)) || launch_log "no running node agent of this job here (looked in $dir)"
+}
+
+# After the training step has ended: done, or requeue because SLURM warned us, or a failure.
+# $1 = exit status of the training, $2 = 1 when the warning signal arrived.
+finish_or_requeue() {
+    local status=$1 warned=$2
+    if ((status == 0)); then
+        launch_log "training finished (job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}); not requeueing"
+        exit 0
+    fi
+    if ((warned)); then
+        launch_log "training stopped after the warning signal (status $status); requeueing job $SLURM_JOB_ID to resume from its checkpoint"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        launch_log "error: scontrol requeue failed; submit the same command again to resume from the checkpoint" >&2
+        exit 3
+    fi
+    launch_log "error: training failed with status $status; not requeueing (see the trainer's messages above)" >&2
+    exit "$status"
+}

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Train on this workstation with torchrun, one process per GPU.
+#
+#   launch/local.sh --arch densenet121 --data /datasets/imagenet --output-dir runs/d121
+#   NGPU=2 launch/local.sh --arch densenet121 --data /datasets/imagenet --output-dir runs/d121
+#   NGPU=0 NPROC=2 launch/local.sh --data demo --arch densenet_tiny --image-size 32   # CPU, gloo
+#
+# Everything after the script name goes to train_dist.py. NGPU defaults to every GPU
+# nvidia-smi lists; with none, NPROC CPU processes (default 1) train with gloo. Ctrl-C makes the
+# training checkpoint and stop (torchrun passes SIGINT on and kills the workers 30 s later);
+# the same command resumes from the checkpoint in --output-dir.
+set -euo pipefail
+
+LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=launch/lib.sh
+source "$LAUNCH_DIR/lib.sh"
+load_site
+
+if [[ -z "${NGPU:-}" ]]; then
+    NGPU=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+fi
+[[ "$NGPU" =~ ^[0-9]+$ ]] || die "NGPU=$NGPU is not a number of GPUs"
+if ((NGPU > 0)); then
+    procs=$NGPU
+else
+    procs=${NPROC:-1}
+    is_positive_int "$procs" || die "NPROC=$procs is not a positive number of processes"
+    export CUDA_VISIBLE_DEVICES=""  # NGPU=0 means the CPU even where GPUs exist
+fi
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cpus=$(nproc)
+    OMP_NUM_THREADS=$((cpus / procs > 0 ? cpus / procs : 1))
+    export OMP_NUM_THREADS
+fi
+launch_log "$procs training processes ($NGPU GPUs, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+
+exec torchrun --standalone --nproc_per_node="$procs" "$TRAIN_SCRIPT" "$@"

@@ -1,0 +1,85 @@
+#!/bin/bash
+# Runs one torchrun agent on this node and passes SIGUSR1 on to its training processes.
+#
+#   launch/node_agent.sh <torchrun arguments without --nproc_per_node...>
+#
+# The number of processes is this node's share of the SLURM allocation (one per GPU, or one
+# per CPU on a CPU-only node; NPROC_PER_NODE overrides it), see plan_processes in lib.sh.
+#
+# SLURM's warning signal before a time limit or preemption is SIGUSR1, and torchrun does not
+# forward SIGUSR1 (only SIGTERM and SIGINT, which it follows with SIGKILL 30 s later). The batch
+# scripts therefore start torchrun through this wrapper and signal the wrapper; the wrapper
+# signals the workers, which checkpoint and exit with status 3.
+#
+# With AGENT_PIDDIR set, the wrapper writes its pid to AGENT_PIDDIR/agent.<SLURM_PROCID>.pid so
+# that a signalling step on the same node can find it (the multi-node script does this).
+set -euo pipefail
+
+LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=launch/lib.sh
+source "$LAUNCH_DIR/lib.sh"
+
+(($# > 0)) || die "usage: $0 <torchrun arguments...>"
+plan_processes
+
+forwarded=0
+watcher_pid=
+on_usr1() {
+    if ((forwarded)); then
+        # A second USR1 would make the trainer exit at once, without its checkpoint.
+        launch_log "SIGUSR1 again: already passed on, ignoring it"
+        return
+    fi
+    forwarded=1
+    local workers
+    workers=$(workers_of "$torchrun_pid")
+    if [[ -z "$workers" ]]; then
+        launch_log "SIGUSR1 before torchrun started its workers: stopping torchrun"
+        kill -TERM "$torchrun_pid" 2>/dev/null || true
+        return
+    fi
+    # shellcheck disable=SC2086  # one pid per word
+    launch_log "SIGUSR1: passing it on to the training processes" $workers
+    # shellcheck disable=SC2086
+    kill -USR1 $workers 2>/dev/null || true
+    # The workers checkpoint and exit 3. torchrun with --max-restarts > 0 would start them
+    # again; if it is still alive a while after they are gone, it is doing exactly that.
+    (
+        for w in $workers; do
+            while kill -0 "$w" 2>/dev/null; do sleep 1; done
+        done
+        sleep 10
+        if kill -0 "$torchrun_pid" 2>/dev/null; then
+            launch_log "torchrun is restarting the workers after the warning signal: stopping it"
+            kill -TERM "$torchrun_pid" 2>/dev/null || true
+        fi
+    ) &
+    watcher_pid=$!
+}
+
+# torchrun and, until the trainer installs its handler, the workers ignore SIGUSR1: a signal
+# sent to the whole job step must not kill them before they can checkpoint.
+(
+    trap '' USR1
+    exec torchrun --nproc_per_node="$NPROC" "$@"
+) &
+torchrun_pid=$!
+trap on_usr1 USR1
+
+pidfile=
+if [[ -n "${AGENT_PIDDIR:-}" ]]; then
+    mkdir -p "$AGENT_PIDDIR"
+    pidfile=$AGENT_PIDDIR/agent.${SLURM_PROCID:-0}.pid
+    echo $$ >"$pidfile"
+fi
+on_exit() {
+    if [[ -n "$watcher_pid" ]]; then kill "$watcher_pid" 2>/dev/null || true; fi
+    if [[ -n "$pidfile" ]]; then
+        rm -f "$pidfile"
+        rmdir "$AGENT_PIDDIR" 2>/dev/null || true  # the last agent on the node removes it
+    fi
+}
+trap on_exit EXIT
+
+wait_until_exit "$torchrun_pid"
+exit "$EXIT_STATUS"

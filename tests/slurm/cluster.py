@@ -1,0 +1,308 @@
+"""A throw-away SLURM cluster on localhost, for tests of the launch scripts on real daemons.
+
+Debian's munge, slurmctld and slurmd run as root without systemd or cgroups when process
+tracking is done by walking /proc (proctrack/linuxproc) and task binding is off (task/none).
+Every file the daemons write (config, state, spool, logs, pid files, the munge socket and key)
+lives in one temporary directory, the ports are picked free, and the daemons are stopped by the
+pids they wrote, so a cluster started here never touches a system-wide SLURM or munge setup.
+
+Used as a library by the tests (``LocalSlurm``) and from the shell for manual experiments:
+
+    python tests/slurm/cluster.py up /tmp/slurm      # prints `export SLURM_CONF=...`
+    SLURM_CONF=/tmp/slurm/slurm.conf sbatch --wrap 'hostname'
+    python tests/slurm/cluster.py down /tmp/slurm
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "slurmstepd", "sbatch", "scontrol", "sinfo")
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")
+
+
+class SlurmUnavailable(RuntimeError):
+    """This machine cannot host the test cluster (not root, or no way to install SLURM)."""
+
+
+def _which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in SBIN_DIRS:  # sbin is often missing from a non-login root PATH
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    return None
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if _which(b) is None]
+
+
+def why_unavailable() -> str | None:
+    """The reason this machine cannot run the cluster, or None when it can (perhaps after apt)."""
+    if sys.platform != "linux":
+        return f"SLURM test cluster needs Linux, this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "SLURM test cluster needs root (the daemons run as root and munged as user munge)"
+    if missing_binaries() and _which("apt-get") is None:
+        return f"SLURM is not installed ({', '.join(missing_binaries())} missing) and apt-get is absent"
+    return None
+
+
+def ensure_installed(log=print) -> None:
+    """Install Debian's SLURM and munge packages when any binary is missing (about 10-30 s)."""
+    missing = missing_binaries()
+    if not missing:
+        return
+    log(f"installing {' '.join(PACKAGES)} (missing: {', '.join(missing)})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    # Recommends pull in a dozen unrelated plugin packages; the base packages are enough.
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env
+    )
+    still = missing_binaries()
+    if still:
+        raise RuntimeError(f"apt-get installed {PACKAGES} but {still} are still missing")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class LocalSlurm:
+    """One-node SLURM cluster (node = this host's short name) with its files under ``root``."""
+
+    def __init__(self, root: str | os.PathLike, cpus: int | None = None, log=print):
+        self.root = Path(root).resolve()
+        self.node = socket.gethostname().split(".")[0]
+        self.cpus = cpus or os.cpu_count() or 1
+        self.log = log
+        self.conf = self.root / "slurm.conf"
+        self.munge_dir = self.root / "munge"
+        self.pidfiles = {
+            "slurmd": self.root / "slurmd.pid",
+            "slurmctld": self.root / "slurmctld.pid",
+            "munged": self.munge_dir / "munged.pid",
+        }
+
+    # -- environment for clients -------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        """os.environ plus what SLURM clients need to find this cluster (sbatch exports it on)."""
+        path = os.environ.get("PATH", "")
+        extra = [d for d in SBIN_DIRS if d not in path.split(os.pathsep)]
+        return dict(os.environ, SLURM_CONF=str(self.conf), PATH=os.pathsep.join([path, *extra]))
+
+    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            list(args), env=self.env, check=check, timeout=timeout, capture_output=True, text=True
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 60) -> "LocalSlurm":
+        reason = why_unavailable()
+        if reason:
+            raise SlurmUnavailable(reason)
+        ensure_installed(self.log)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # munged (running as user munge) must be able to reach its directory below ours.
+        for p in [self.root, *self.root.parents]:
+            if p == Path("/tmp") or p == Path("/"):
+                break
+            p.chmod(p.stat().st_mode | 0o011)
+        try:
+            self._start_munge()
+            self._write_conf()
+            self._start_daemon("slurmctld", ["slurmctld", "-f", str(self.conf)])
+            self._start_daemon("slurmd", ["slurmd", "-f", str(self.conf)])
+            self._wait_idle(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 20) -> None:
+        """Stop the daemons this cluster started, by the pids they wrote; slurmd first."""
+        for name in ("slurmd", "slurmctld", "munged"):
+            pidfile = self.pidfiles[name]
+            try:
+                pid = int(pidfile.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if not _pid_alive(pid):
+                continue
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                self.log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s, killing it")
+                os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> "LocalSlurm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _start_munge(self) -> None:
+        d = self.munge_dir
+        d.mkdir(exist_ok=True)
+        d.chmod(0o711)  # munged insists that every user can reach its socket
+        key = d / "munge.key"
+        if not key.exists():
+            subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}"], check=True)
+        shutil.chown(d, "munge", "munge")
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o600)
+        cmd = [
+            _which("munged"),
+            f"--socket={d / 'munge.socket'}",
+            f"--key-file={key}",
+            f"--pid-file={self.pidfiles['munged']}",
+            f"--log-file={d / 'munged.log'}",
+            f"--seed-file={d / 'munged.seed'}",
+        ]
+        # munged refuses to run as root; it daemonizes and writes its pid file once ready.
+        subprocess.run(cmd, check=True, user="munge", group="munge", capture_output=True, text=True)
+        self._wait_pidfile("munged", d / "munged.log")
+
+    def _write_conf(self) -> None:
+        ctld_port, slurmd_port = _free_ports(2)
+        r = self.root
+        (r / "state").mkdir(exist_ok=True)
+        (r / "spool").mkdir(exist_ok=True)
+        lines = f"""
+            # Written by tests/slurm/cluster.py for a one-node cluster on localhost.
+            ClusterName=localtest
+            SlurmctldHost={self.node}
+            SlurmUser=root
+            SlurmdUser=root
+            SlurmctldPort={ctld_port}
+            SlurmdPort={slurmd_port}
+            AuthType=auth/munge
+            CredType=cred/munge
+            AuthInfo=socket={self.munge_dir / 'munge.socket'}
+            StateSaveLocation={r / 'state'}
+            SlurmdSpoolDir={r / 'spool'}
+            SlurmctldPidFile={self.pidfiles['slurmctld']}
+            SlurmdPidFile={self.pidfiles['slurmd']}
+            SlurmctldLogFile={r / 'slurmctld.log'}
+            SlurmdLogFile={r / 'slurmd.log'}
+            SlurmctldDebug=info
+            SlurmdDebug=info
+            # No systemd or cgroups here: track processes by walking /proc, bind nothing.
+            ProctrackType=proctrack/linuxproc
+            TaskPlugin=task/none
+            SelectType=select/cons_tres
+            SelectTypeParameters=CR_Core
+            SchedulerType=sched/builtin
+            MpiDefault=none
+            JobAcctGatherType=jobacct_gather/none
+            AccountingStorageType=accounting_storage/none
+            JobCompType=jobcomp/none
+            ReturnToService=2
+            # Tests look at finished jobs with scontrol for a while after they end.
+            MinJobAge=600
+            KillWait=10
+            NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+            PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+        """
+        self.conf.write_text("\n".join(line.strip() for line in lines.strip().splitlines()) + "\n")
+
+    def _start_daemon(self, name: str, cmd: list[str]) -> None:
+        cmd = [_which(cmd[0]), *cmd[1:]]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{name} failed to start (exit {proc.returncode}): {proc.stderr.strip()}\n"
+                f"{self._tail(self.root / f'{name}.log')}"
+            )
+        self._wait_pidfile(name, self.root / f"{name}.log")
+
+    def _wait_pidfile(self, name: str, logfile: Path, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if _pid_alive(int(self.pidfiles[name].read_text().split()[0])):
+                    return
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not come up within {timeout:.0f} s\n{self._tail(logfile)}")
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        state = "?"
+        while time.monotonic() < deadline:
+            out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20)
+            state = out.stdout.strip() or out.stderr.strip()
+            if out.returncode == 0 and state == "idle":
+                return
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"node {self.node} not idle after {timeout:.0f} s (last state: {state!r})\n"
+            f"{self._tail(self.root / 'slurmctld.log')}\n{self._tail(self.root / 'slurmd.log')}"
+        )
+
+    @staticmethod
+    def _tail(path: Path, n: int = 15) -> str:
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return f"({path} not written)"
+        return f"--- last lines of {path} ---\n" + "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in ("up", "down"):
+        print(__doc__)
+        return 2
+    cluster = LocalSlurm(argv[2])
+    if argv[1] == "up":
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}")
+    else:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
