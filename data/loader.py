@@ -1,0 +1,200 @@
+"""The two loaders the trainer uses: ``build_train_loader`` and ``build_eval_loader``.
+
+Both yield ``(images, targets, bad)``: images uint8 [B, 3, H, W] (contiguous NCHW; normalise on the
+device with IMAGENET_MEAN/STD), targets int64 [B], bad bool [B] (True where an unreadable file was
+replaced by another sample). Layout problems are raised here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .classes import class_names
+from .datasets import EvalFolderDataset, Sample, TrainFolderDataset
+from .layouts import load_split
+from .rng import WORKERS, key_seed
+from .samplers import EvalBatchSampler, TrainBatchSampler
+from .transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    height, width, _ = samples[0].pixels.shape
+    batch = np.empty((len(samples), 3, height, width), dtype=np.uint8)
+    for i, sample in enumerate(samples):
+        batch[i] = sample.pixels.transpose(2, 0, 1)  # numpy: much cheaper than a torch permute-copy
+    images = torch.from_numpy(batch)
+    targets = torch.tensor([s.target for s in samples], dtype=torch.int64)
+    bad = torch.tensor([bool(s.unreadable) for s in samples], dtype=torch.bool)
+    unreadable = [report for s in samples for report in s.unreadable]
+    return images, targets, bad, unreadable
+
+
+class UnreadableFiles:
+    """Logs each unreadable file once per process, with its path and the decoder's complaint."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def report(self, path: str, reason: str) -> None:
+        if path not in self.seen:
+            self.seen.add(path)
+            log.warning("unreadable image replaced by another sample: %s (%s)", path, reason)
+
+
+def _check_workers(workers: int, batch_size: int) -> None:
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def _already_batched(batch):
+    return batch
+
+
+def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, prefetch_factor: int,
+                seed: int, rank: int, multiprocessing_context=None) -> DataLoader:
+    """A map-style dataset with our batch sampler, or (batch_sampler None) an iterable dataset whose
+    workers yield whole collated batches."""
+    extra = {}
+    if workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor,
+                     multiprocessing_context=multiprocessing_context)
+    # An explicit generator seeds the workers reproducibly (torch, random and numpy per worker) and
+    # keeps DataLoader from drawing its base seed from the training process's global RNG.
+    generator = torch.Generator()
+    generator.manual_seed(key_seed(WORKERS, seed, rank))
+    if batch_sampler is not None:
+        extra.update(batch_sampler=batch_sampler, collate_fn=collate)
+    else:
+        extra.update(batch_size=None, collate_fn=_already_batched)
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
+                      generator=generator, **extra)
+
+
+class _Loader:
+    """What both loaders share: class metadata and the bad-file bookkeeping of the main process."""
+
+    def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_batches: int):
+        self.dataloader = dataloader
+        self.classes = list(classes)
+        self.class_names = class_names(self.classes)
+        self.num_classes = len(self.classes)
+        self.num_batches = num_batches
+        self.unreadable = UnreadableFiles()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _batches(self) -> Iterator[Batch]:
+        for images, targets, bad, unreadable in self.dataloader:
+            for path, reason in unreadable:
+                self.unreadable.report(path, reason)
+            yield images, targets, bad
+
+
+class TrainLoader(_Loader):
+    """Batches of one epoch on this rank. ``set_epoch(epoch, start_batch)`` before each pass; the
+    batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is."""
+
+    def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
+                 batch_size: int):
+        super().__init__(dataloader, classes, len(sampler))
+        self.sampler = sampler
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._batches()
+
+
+class EvalLoader(_Loader):
+    """This rank's share of the validation set; over all ranks every image comes exactly once.
+    ``num_samples`` counts all ranks, ``rank_num_samples`` this one."""
+
+    def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_samples: int,
+                 rank_num_samples: int, num_batches: int):
+        super().__init__(dataloader, classes, num_batches)
+        self.num_samples = num_samples
+        self.rank_num_samples = rank_num_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._batches()
+
+
+def build_train_loader(
+    root: str | os.PathLike,
+    *,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
+    pin_memory: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    interpolation: str = "bilinear",
+    resize_backend: str = "auto",
+    prefetch_factor: int = 4,
+    multiprocessing_context=None,
+    split: str = "train",
+) -> TrainLoader:
+    """The training loader for an ImageNet-layout folder ROOT (``ROOT/<split>/<class>/*.JPEG``)."""
+    _check_workers(workers, batch_size)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    table = load_split(Path(root), split)
+    transform = TrainTransform(image_size, scale=crop_scale, interpolation=interpolation,
+                               auto_augment=auto_augment, random_erasing=random_erasing,
+                               backend=resize_backend)
+    sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
+    dataset = TrainFolderDataset(table, transform, seed)
+    dataloader = _dataloader(dataset, batch_sampler=sampler, workers=workers, pin_memory=pin_memory,
+                             prefetch_factor=prefetch_factor, seed=seed, rank=rank,
+                             multiprocessing_context=multiprocessing_context)
+    return TrainLoader(dataloader, sampler, table.classes, len(table), batch_size)
+
+
+def build_eval_loader(
+    root: str | os.PathLike,
+    *,
+    image_size: int = 224,
+    resize_size: int | None = 256,
+    batch_size: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    interpolation: str = "bilinear",
+    prefetch_factor: int = 4,
+    multiprocessing_context=None,
+    split: str = "val",
+) -> EvalLoader:
+    """The evaluation loader: resize ``resize_size`` (None: image_size / 0.875), center crop
+    ``image_size``; every image of ``ROOT/<split>`` once over all ranks."""
+    _check_workers(workers, batch_size)
+    if resize_size is None:
+        resize_size = int(round(image_size / 0.875))
+    table = load_split(Path(root), split)
+    transform = EvalTransform(image_size, resize_size, interpolation=interpolation)
+    sampler = EvalBatchSampler(len(table), batch_size, rank, world_size)
+    dataloader = _dataloader(EvalFolderDataset(table, transform), batch_sampler=sampler, workers=workers,
+                             pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0, rank=rank,
+                             multiprocessing_context=multiprocessing_context)
+    return EvalLoader(dataloader, table.classes, len(table), len(sampler.indices), len(sampler))

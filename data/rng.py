@@ -1,0 +1,65 @@
+"""Randomness as a pure function of where a sample sits, never of which process drew it.
+
+Every random choice for a sample (its crop, flip, augmentation, replacement after a bad file)
+comes from a generator seeded by a key such as (seed, epoch, index). The same key gives the same
+pixels whatever the number of workers, the rank layout or the batch a run resumed at.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+# Purposes, the first element of every key, so that no two uses of the same seed collide.
+PERMUTATION, SAMPLE, WORKERS, SHARD_ORDER, SHARD_STREAM = range(1, 6)
+
+
+def key_seed(*key: int) -> int:
+    """A well-mixed 64-bit seed from non-negative integers below 2**64 (numpy's SeedSequence).
+
+    Each integer is spread over exactly two 32-bit words and the key length leads, because
+    SeedSequence alone treats [a, b] and [a, b, 0] (or one large int and two small ones) alike."""
+    words = [len(key)]
+    for k in key:
+        k = int(k)
+        if not 0 <= k < 2**64:
+            raise ValueError(f"random key {key} must hold integers in [0, 2**64)")
+        words += [k & 0xFFFFFFFF, k >> 32]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
+def key_generator(*key: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(key_seed(*key))
+    return generator
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A fresh 63-bit seed drawn from ``generator`` (for libraries that need one)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+
+
+@contextmanager
+def isolated_global_rng(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's global generators for the duration of the block and put
+    their previous states back afterwards.
+
+    timm's and torchvision's augmentation policies draw from the global generators; this makes
+    them deterministic per sample without disturbing the caller (with workers=0 the caller is the
+    training process itself, whose RNG state is part of a checkpoint)."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -1,0 +1,262 @@
+"""Per-sample pixel pipelines: file -> HxWx3 uint8 numpy array. Normalisation happens on the device.
+
+Layout changes and copies go through numpy: torch's strided uint8 copies are several times slower
+on one thread and far slower when intra-op threads compete for busy cores.
+
+Train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, as in the paper and torchvision), horizontal
+flip, optional RandAugment / TrivialAugment / AutoAugment / AugMix (torchvision or timm policies) and
+random erasing. The crop is chosen from the JPEG header before any pixel is decoded, so libjpeg can
+decode at a reduced scale when the crop is large (``Image.draft``), and only the crop is resized.
+
+Eval: resize the shorter side to ``resize_size`` then center-crop ``size``, bit-identical to
+torchvision's reference eval preset (Resize(256, bilinear, antialias) + CenterCrop(224)).
+
+Train resizing: pillow's resampler without SIMD is several times slower than torch's antialiased
+uint8 kernel (which rounds within 2/255 of pillow), so that is the default; with pillow-simd
+installed, its resampler is faster still and is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from importlib import metadata
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .decode import Source, UnreadableImage, apply_draft, draft_factor, open_image, to_rgb_array
+from .rng import draw_seed, isolated_global_rng
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESIZE_BACKENDS = ("auto", "torch", "pil")
+
+
+@lru_cache(maxsize=1)
+def pillow_simd_installed() -> bool:
+    try:
+        metadata.version("pillow-simd")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def choose_backend(backend: str) -> str:
+    if backend not in RESIZE_BACKENDS:
+        raise ValueError(f"resize backend {backend!r} is not one of {RESIZE_BACKENDS}")
+    if backend == "auto":
+        return "pil" if pillow_simd_installed() else "torch"
+    return backend
+
+
+def check_interpolation(interpolation: str) -> str:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(INTERPOLATIONS)}")
+    return interpolation
+
+
+def random_resized_crop_params(
+    width: int,
+    height: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) by torchvision's RandomResizedCrop rule (10 tries of a
+    random area and log-uniform aspect ratio, then a center crop), drawn from an explicit generator
+    instead of the global one so that it is a pure function of the sample's key."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    draws = torch.rand(10, 4, generator=generator, dtype=torch.float64).tolist()
+    for u_area, u_ratio, u_top, u_left in draws:
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = min(int(u_top * (height - crop_h + 1)), height - crop_h)
+            left = min(int(u_left * (width - crop_w + 1)), width - crop_w)
+            return top, left, crop_h, crop_w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_w, crop_h = int(round(height * max(ratio))), height
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def resize_torch(pixels: np.ndarray, box: tuple[float, float, float, float], out_h: int, out_w: int,
+                 interpolation: str) -> np.ndarray:
+    """Crop ``box`` (left, top, right, bottom; rounded to whole pixels) out of an HxWx3 array and
+    resize it with torch's antialiased uint8 kernel; returns an out_h x out_w x 3 uint8 array."""
+    left, top, right, bottom = (int(round(v)) for v in box)
+    crop = pixels[top:bottom, left:right]
+    if crop.shape[:2] == (out_h, out_w):
+        return np.ascontiguousarray(crop)
+    # An HWC array seen as NCHW is channels-last, which takes torch's vectorised uint8 path; the
+    # result is channels-last too, so the permute back to HWC is free.
+    nchw = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
+    out = F.interpolate(nchw, size=(out_h, out_w), mode=interpolation, antialias=True, align_corners=False)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
+def resize_pil(image: Image.Image, box: tuple[float, float, float, float], out_h: int, out_w: int,
+               interpolation: str, name: str) -> np.ndarray:
+    """Crop ``box`` (rounded to whole pixels) and resize it with pillow. Cropping first, as
+    torchvision's resized_crop does, keeps the filter inside the crop; pillow's ``resize(box=...)``
+    would reach outside it and round differently."""
+    left, top, right, bottom = (int(round(v)) for v in box)
+    try:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if (left, top, right, bottom) != (0, 0, *image.size):
+            image = image.crop((left, top, right, bottom))
+        if image.size != (out_w, out_h):
+            image = image.resize((out_w, out_h), INTERPOLATIONS[interpolation])
+        return np.array(image, dtype=np.uint8, copy=True)
+    except Exception as err:  # decoding happens lazily inside crop/resize; see decode.to_rgb_array
+        raise UnreadableImage(name, f"{type(err).__name__}: {err}") from err
+
+
+def build_augment(auto_augment: str | None, size: int, interpolation: str) -> Callable | None:
+    """A PIL -> PIL augmentation policy from a torchvision name (``ra``, ``ta_wide``, ``augmix``,
+    ``imagenet``/``cifar10``/``svhn`` AutoAugment) or a timm config string (``rand-m9-mstd0.5-inc1``,
+    ``augmix-m5-w4-d2``, ``original``, ``v0``, ``3a``)."""
+    if not auto_augment or auto_augment == "none":
+        return None
+    from torchvision import transforms as T
+
+    tv_interp = T.InterpolationMode(interpolation)
+    if auto_augment in ("ra", "randaugment"):
+        return T.RandAugment(interpolation=tv_interp)
+    if auto_augment in ("ta_wide", "trivialaugment"):
+        return T.TrivialAugmentWide(interpolation=tv_interp)
+    if auto_augment == "augmix":
+        return T.AugMix(interpolation=tv_interp)
+    if auto_augment in ("imagenet", "cifar10", "svhn"):
+        return T.AutoAugment(T.AutoAugmentPolicy(auto_augment), interpolation=tv_interp)
+    from timm.data import auto_augment as timm_aa
+
+    hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN),
+                   interpolation=INTERPOLATIONS[interpolation])
+    try:
+        if auto_augment.startswith("rand"):
+            return timm_aa.rand_augment_transform(auto_augment, hparams)
+        if auto_augment.startswith("augmix"):
+            return timm_aa.augment_and_mix_transform(auto_augment, hparams)
+        return timm_aa.auto_augment_transform(auto_augment, hparams)
+    except Exception as err:
+        raise ValueError(
+            f"auto_augment {auto_augment!r} is neither a torchvision policy (ra, ta_wide, augmix, "
+            f"imagenet) nor a timm config string (rand-m9-mstd0.5, augmix-m5-w4-d2, original): {err}"
+        ) from err
+
+
+def random_erase_(hwc: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
+                  attempts: int = 10) -> None:
+    """Erase one random rectangle in place (torchvision's RandomErasing region rule), filled with
+    per-pixel noise that becomes N(0, 1) after the device's normalisation (timm's 'pixel' mode)."""
+    height, width, _ = hwc.shape
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for u_area, u_ratio, u_top, u_left in torch.rand(attempts, 4, generator=generator, dtype=torch.float64).tolist():
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+        h = int(round(math.sqrt(target * aspect)))
+        w = int(round(math.sqrt(target / aspect)))
+        if 0 < h < height and 0 < w < width:
+            top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+            noise = torch.randn(h, w, 3, generator=generator).numpy()
+            noise = noise * (np.array(IMAGENET_STD) * 255) + np.array(IMAGENET_MEAN) * 255
+            hwc[top:top + h, left:left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
+            return
+
+
+class TrainTransform:
+    """File -> random crop, resized to ``size`` x ``size``, as an HxWx3 uint8 array. All randomness
+    comes from the generator passed in."""
+
+    def __init__(self, size: int, *, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: str = "bilinear", auto_augment: str | None = None,
+                 random_erasing: float = 0.0, backend: str = "auto", draft: bool = True):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale {scale} must satisfy 0 < min <= max <= 1")
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(f"random_erasing {random_erasing} is a probability in [0, 1]")
+        self.size = size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.interpolation = check_interpolation(interpolation)
+        self.augment = build_augment(auto_augment, size, interpolation)
+        self.random_erasing = random_erasing
+        self.backend = choose_backend(backend)
+        self.draft = draft
+
+    def crop(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
+        """Crop box and flip for an image of this size: all a decoder needs to know."""
+        box = random_resized_crop_params(width, height, generator, self.scale, self.ratio)
+        flip = float(torch.rand(1, generator=generator)) < self.hflip
+        return box, flip
+
+    def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray:
+        with open_image(source, name) as image:
+            (top, left, crop_h, crop_w), flip = self.crop(*image.size, generator)
+            factor = draft_factor(crop_w, crop_h, self.size, self.size) if self.draft else 1
+            scale = apply_draft(image, factor)
+            box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
+            if self.backend == "pil":
+                out = resize_pil(image, box, self.size, self.size, self.interpolation, name)
+            else:
+                out = resize_torch(to_rgb_array(image, name), box, self.size, self.size, self.interpolation)
+        if flip:
+            out = np.ascontiguousarray(out[:, ::-1])
+        if self.augment is not None:
+            with isolated_global_rng(draw_seed(generator)):
+                augmented = self.augment(Image.fromarray(out))
+            out = np.array(augmented.convert("RGB"), dtype=np.uint8, copy=True)
+        if self.random_erasing and float(torch.rand(1, generator=generator)) < self.random_erasing:
+            random_erase_(out, generator)
+        return out
+
+
+class EvalTransform:
+    """File -> resize shorter side to ``resize_size``, center crop ``size``, HxWx3 uint8 array.
+
+    Pillow resizes the whole image, exactly as torchvision's preset does: the result is bit-identical
+    to it. (Resizing only the crop's source box, or using torch's kernel, is a little cheaper but
+    rounds differently by up to 1-2/255, and evaluation is where published numbers are compared.)"""
+
+    def __init__(self, size: int = 224, resize_size: int = 256, *, interpolation: str = "bilinear"):
+        if resize_size < size:
+            raise ValueError(f"eval resize_size {resize_size} is smaller than the crop {size}; "
+                             "use resize_size >= image_size (224/256 = crop fraction 0.875)")
+        self.size = size
+        self.resize_size = resize_size
+        self.interpolation = check_interpolation(interpolation)
+
+    def resized_shape(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after torchvision's Resize(int): shorter side = resize_size, the longer
+        one scaled and truncated."""
+        if width <= height:
+            return self.resize_size, int(self.resize_size * height / width)
+        return int(self.resize_size * width / height), self.resize_size
+
+    def __call__(self, source: Source, name: str) -> np.ndarray:
+        size = self.size
+        with open_image(source, name) as image:
+            width, height = image.size
+            new_w, new_h = self.resized_shape(width, height)
+            resized = resize_pil(image, (0, 0, width, height), new_h, new_w, self.interpolation, name)
+        top = int(round((new_h - size) / 2.0))
+        left = int(round((new_w - size) / 2.0))
+        return np.ascontiguousarray(resized[top:top + size, left:left + size])
