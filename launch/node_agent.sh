@@ -44,15 +44,17 @@ on_usr1() {
     kill -USR1 $workers 2>/dev/null || true
     # The workers checkpoint and exit 3. torchrun with --max-restarts > 0 would start them
     # again; if it is still alive a while after they are gone, it is doing exactly that.
+    # (Short sleeps: a sleeping child keeps the step's output open after this script ends.)
     (
         for w in $workers; do
             while kill -0 "$w" 2>/dev/null; do sleep 1; done
         done
-        sleep 10
-        if kill -0 "$torchrun_pid" 2>/dev/null; then
-            launch_log "torchrun is restarting the workers after the warning signal: stopping it"
-            kill -TERM "$torchrun_pid" 2>/dev/null || true
-        fi
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            kill -0 "$torchrun_pid" 2>/dev/null || exit 0
+            sleep 1
+        done
+        launch_log "torchrun is restarting the workers after the warning signal: stopping it"
+        kill -TERM "$torchrun_pid" 2>/dev/null || true
     ) &
     watcher_pid=$!
 }

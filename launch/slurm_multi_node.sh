@@ -59,7 +59,8 @@ on_warning() {
     warned=1
     launch_log "SIGUSR1: the job ends soon (time limit or preemption); asking the training to checkpoint and stop"
     # shellcheck disable=SC2016  # $1 and $2 belong to the inner shell
-    if ! srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task=1 \
+    if ! srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" \
+        --ntasks-per-node=1 --cpus-per-task=1 \
         bash -c 'source "$1/lib.sh" && signal_local_agents "$2"' _ "$LAUNCH_DIR" "$AGENT_PIDDIR"; then
         # The training processes agree on stopping, so those on this node are enough.
         launch_log "signalling step failed; signalling the agents on this node only"

@@ -21,12 +21,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
-BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "slurmstepd", "sbatch", "scontrol", "sinfo")
+PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "procps")
+# pgrep (procps) is what launch/node_agent.sh uses to find torchrun's workers.
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "slurmstepd", "sbatch", "scontrol", "sinfo", "pgrep")
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")
+
+
+PARTITION = "debug"
 
 
 class SlurmUnavailable(RuntimeError):
@@ -114,12 +119,15 @@ class LocalSlurm:
         self.cpus = cpus or os.cpu_count() or 1
         self.log = log
         self.conf = self.root / "slurm.conf"
-        self.munge_dir = self.root / "munge"
-        self.pidfiles = {
-            "slurmd": self.root / "slurmd.pid",
-            "slurmctld": self.root / "slurmctld.pid",
-            "munged": self.munge_dir / "munged.pid",
-        }
+
+    @property
+    def munge_dir(self) -> Path:
+        """munged runs as user munge, which must reach its socket; a private root (pytest's
+        tmp_path is 0700) would not let it, so munge gets a directory of its own in /tmp."""
+        record = self.root / "munge_dir"
+        if not record.exists():
+            record.write_text(tempfile.mkdtemp(prefix="munge-", dir="/tmp"))
+        return Path(record.read_text().strip())
 
     # -- environment for clients -------------------------------------------------------------
     @property
@@ -141,11 +149,6 @@ class LocalSlurm:
             raise SlurmUnavailable(reason)
         ensure_installed(self.log)
         self.root.mkdir(parents=True, exist_ok=True)
-        # munged (running as user munge) must be able to reach its directory below ours.
-        for p in [self.root, *self.root.parents]:
-            if p == Path("/tmp") or p == Path("/"):
-                break
-            p.chmod(p.stat().st_mode | 0o011)
         try:
             self._start_munge()
             self._write_conf()
@@ -158,14 +161,26 @@ class LocalSlurm:
         return self
 
     def stop(self, timeout: float = 20) -> None:
-        """Stop the daemons this cluster started, by the pids they wrote; slurmd first."""
+        """Cancel what still runs, then stop the daemons by the pids they wrote, slurmd first.
+
+        Jobs go first: slurmstepd keeps a job's processes (torchrun, trainers) alive after
+        slurmd itself has stopped.
+        """
+        if self._alive("slurmctld") and self._alive("slurmd"):
+            self.run("scancel", "--full", "--signal=KILL", f"--partition={PARTITION}", check=False)
+            self.run("scancel", f"--partition={PARTITION}", check=False)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                q = self.run("squeue", "-h", "-t", "all", "-o", "%i %T", check=False)
+                if q.returncode != 0 or not any(
+                    line.split()[1] in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED")
+                    for line in q.stdout.splitlines() if line.strip()
+                ):
+                    break
+                time.sleep(0.25)
         for name in ("slurmd", "slurmctld", "munged"):
-            pidfile = self.pidfiles[name]
-            try:
-                pid = int(pidfile.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            if not _pid_alive(pid):
+            pid = self._pid(name)
+            if pid is None or not _pid_alive(pid):
                 continue
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
@@ -174,6 +189,23 @@ class LocalSlurm:
             if _pid_alive(pid):
                 self.log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s, killing it")
                 os.kill(pid, signal.SIGKILL)
+        record = self.root / "munge_dir"
+        if record.exists():
+            shutil.rmtree(record.read_text().strip(), ignore_errors=True)
+            record.unlink()
+
+    def _pidfile(self, name: str) -> Path:
+        return (self.munge_dir if name == "munged" else self.root) / f"{name}.pid"
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            return int(self._pidfile(name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _alive(self, name: str) -> bool:
+        pid = self._pid(name)
+        return pid is not None and _pid_alive(pid)
 
     def __enter__(self) -> "LocalSlurm":
         return self.start()
@@ -196,12 +228,15 @@ class LocalSlurm:
             _which("munged"),
             f"--socket={d / 'munge.socket'}",
             f"--key-file={key}",
-            f"--pid-file={self.pidfiles['munged']}",
+            f"--pid-file={self._pidfile('munged')}",
             f"--log-file={d / 'munged.log'}",
             f"--seed-file={d / 'munged.seed'}",
         ]
         # munged refuses to run as root; it daemonizes and writes its pid file once ready.
-        subprocess.run(cmd, check=True, user="munge", group="munge", capture_output=True, text=True)
+        proc = subprocess.run(cmd, user="munge", group="munge", capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"munged failed to start (exit {proc.returncode}): {proc.stderr.strip()}\n"
+                               f"{self._tail(d / 'munged.log')}")
         self._wait_pidfile("munged", d / "munged.log")
 
     def _write_conf(self) -> None:
@@ -222,8 +257,8 @@ class LocalSlurm:
             AuthInfo=socket={self.munge_dir / 'munge.socket'}
             StateSaveLocation={r / 'state'}
             SlurmdSpoolDir={r / 'spool'}
-            SlurmctldPidFile={self.pidfiles['slurmctld']}
-            SlurmdPidFile={self.pidfiles['slurmd']}
+            SlurmctldPidFile={self._pidfile('slurmctld')}
+            SlurmdPidFile={self._pidfile('slurmd')}
             SlurmctldLogFile={r / 'slurmctld.log'}
             SlurmdLogFile={r / 'slurmd.log'}
             SlurmctldDebug=info
@@ -243,7 +278,7 @@ class LocalSlurm:
             MinJobAge=600
             KillWait=10
             NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-            PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+            PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
         """
         self.conf.write_text("\n".join(line.strip() for line in lines.strip().splitlines()) + "\n")
 
@@ -260,11 +295,8 @@ class LocalSlurm:
     def _wait_pidfile(self, name: str, logfile: Path, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                if _pid_alive(int(self.pidfiles[name].read_text().split()[0])):
-                    return
-            except (OSError, ValueError, IndexError):
-                pass
+            if self._alive(name):
+                return
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not come up within {timeout:.0f} s\n{self._tail(logfile)}")
 
