@@ -4,6 +4,7 @@
 #   launch/local.sh --arch densenet121 --data /datasets/imagenet --output-dir runs/d121
 #   NGPU=2 launch/local.sh --arch densenet121 --data /datasets/imagenet --output-dir runs/d121
 #   NGPU=0 NPROC=2 launch/local.sh --data demo --arch densenet_tiny --image-size 32   # CPU, gloo
+#   MAX_RESTARTS=3 launch/local.sh ...   # restart all processes (from the checkpoint) if one dies
 #
 # Everything after the script name goes to train_dist.py. NGPU defaults to every GPU
 # nvidia-smi lists; with none, NPROC CPU processes (default 1) train with gloo. Ctrl-C makes the
@@ -37,4 +38,6 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 launch_log "$procs training processes ($NGPU GPUs, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 
-exec torchrun --standalone --nproc_per_node="$procs" "$TRAIN_SCRIPT" "$@"
+# MAX_RESTARTS > 0: when a process dies, torchrun restarts them all and they resume from the
+# last checkpoint.
+exec torchrun --standalone --nproc_per_node="$procs" --max-restarts="${MAX_RESTARTS:-0}" "$TRAIN_SCRIPT" "$@"
