@@ -37,7 +37,10 @@ def _batch_norm(norm: nn.BatchNorm2d, x: Tensor, update_stats: bool) -> Tensor:
     """
     if update_stats or not norm.training:
         return norm(x)
-    return F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    # The same kernel with throwaway copies of the statistics: checkpointing requires the recompute
+    # to save exactly the tensors the original forward saved.
+    return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+                        True, norm.momentum if norm.momentum is not None else 0.0, norm.eps)
 
 
 class _DenseLayer(nn.Module):

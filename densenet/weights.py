@@ -83,9 +83,10 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
+        detail = str(exc).splitlines()[0] if str(exc) else "no further detail"
         raise ValueError(
-            f"{path} could not be read as a PyTorch weights file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a complete .pt/.pth file?"
+            f"{path} could not be read as a PyTorch weights file ({type(exc).__name__}: {detail}); "
+            f"is it a complete .pt/.pth file written by torch.save?"
         ) from exc
 
 
