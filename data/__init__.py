@@ -12,22 +12,41 @@
 See docs/data.md for layouts, shards, the demo data and the benchmark.
 """
 
-from .classes import class_name, class_names, imagenet_wnids
-from .layouts import DataLayoutError
-from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
-from .root import resolve_data_root
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "DataLayoutError",
-    "EvalLoader",
-    "TrainLoader",
-    "build_eval_loader",
-    "build_train_loader",
-    "class_name",
-    "class_names",
-    "imagenet_wnids",
-    "resolve_data_root",
-]
+# Names are imported on first use, so that `python -m data.demo` or `python -m data.shards` start
+# in a fraction of a second instead of first importing torch.
+_EXPORTS = {
+    "IMAGENET_MEAN": "transforms",
+    "IMAGENET_STD": "transforms",
+    "DataLayoutError": "layouts",
+    "EvalLoader": "loader",
+    "TrainLoader": "loader",
+    "build_eval_loader": "loader",
+    "build_train_loader": "loader",
+    "class_name": "classes",
+    "class_names": "classes",
+    "imagenet_wnids": "classes",
+    "resolve_data_root": "root",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .classes import class_name, class_names, imagenet_wnids
+    from .layouts import DataLayoutError
+    from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+    from .root import resolve_data_root
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
