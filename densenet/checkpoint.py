@@ -156,11 +156,11 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def resume_candidates(run_dir: Path) -> List[Path]:
-    """Checkpoint files of a run folder, newest first (last.pt wins a tie: it is written first)."""
-    files = [run_dir / LAST, run_dir / BEST] + [p for p in run_dir.glob("epoch_*.pt") if _EPOCH_RE.match(p.name)]
-    priority = {LAST: 0, BEST: 2}
-    existing = [p for p in files if p.is_file()]
-    return sorted(existing, key=lambda p: (-p.stat().st_mtime_ns, priority.get(p.name, 1)))
+    """Checkpoint files of a run folder, newest first. Every save writes last.pt, so it comes first;
+    the others (best.pt, epoch_XXXX.pt) only matter when it is damaged, and go by modification time."""
+    others = [run_dir / BEST] + [p for p in run_dir.glob("epoch_*.pt") if _EPOCH_RE.match(p.name)]
+    others = sorted((p for p in others if p.is_file()), key=lambda p: -p.stat().st_mtime_ns)
+    return ([run_dir / LAST] if (run_dir / LAST).is_file() else []) + others
 
 
 def find_latest_valid(run_dir: Path, report: Callable[[str], None]) -> Optional[Tuple[Path, Dict[str, Any]]]:

@@ -75,7 +75,7 @@ class Config:
     eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: size / 0.875)")
     eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
     workers: int = _opt(4, "data loader worker processes per training process")
-    auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5-inc1")
+    auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5")
     random_erasing: float = _opt(0.0, "random erasing probability")
 
     # --- speed and numerics
@@ -124,7 +124,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "ema_decay": 0.9999,
         "mixup": 0.2,
         "cutmix": 1.0,
-        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "auto_augment": "rand-m9-mstd0.5",  # not inc1: its posterize reaches 0 bits, which Pillow rejects
         "random_erasing": 0.25,
     },
 }

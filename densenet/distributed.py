@@ -1,0 +1,155 @@
+"""Process-group setup and the one record of the parallel layout, passed explicitly everywhere.
+
+Three ways to start are understood, in this order:
+  * torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
+  * a SLURM step with one task per device (``srun python train_dist.py``): SLURM_PROCID and friends;
+  * a plain ``python train_dist.py``: one process, no process group.
+NCCL is used on CUDA and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits, read from the launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun", "slurm" or "single"
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]  # None for a single process without a process group
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-004,007],cpu1'."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)
+    if not m:
+        raise RuntimeError(f"cannot read the first host from SLURM node list {nodelist!r}; set MASTER_ADDR")
+    return m.group(1) + (m.group(2) or "")
+
+
+def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
+    """Decide rank/world size from environment variables (a pure function, for tests)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                         local_rank=int(env.get("LOCAL_RANK", "0")), launcher="torchrun",
+                         master_addr=env.get("MASTER_ADDR"),
+                         master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+    # SLURM_STEP_NUM_TASKS is set by srun for a step but not in the batch script itself, whose
+    # SLURM_NTASKS describes the allocation; trusting the latter would make a lone python process
+    # wait forever for peers that were never started.
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "SLURM_PROCID" in env and step_tasks > 1:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=step_tasks,
+                         local_rank=int(env.get("SLURM_LOCALID", "0")), launcher="slurm",
+                         master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+                         master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)))
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, launcher="single")
+
+
+def init_distributed(device_type: str = "auto", deterministic: bool = False) -> DistInfo:
+    """Start the process group (if more than one process) and bind this process to its device."""
+    launch = read_launch_env(os.environ)
+    use_cuda = torch.cuda.is_available() if device_type == "auto" else device_type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device: --device cuda was asked for but CUDA is not available; use --device cpu")
+    if use_cuda:
+        if deterministic:
+            # cuBLAS needs this before its first handle is made to be deterministic.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if launch.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {launch.local_rank} has no GPU: this node has "
+                               f"{torch.cuda.device_count()}; start one process per GPU")
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launch.world_size == 1:
+        return DistInfo(0, 1, 0, device, None, launch.launcher)
+    if launch.launcher == "slurm":
+        os.environ["MASTER_ADDR"] = str(launch.master_addr)
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+    backend = "nccl" if use_cuda else "gloo"
+    kwargs: dict = {"backend": backend, "rank": launch.rank, "world_size": launch.world_size,
+                    "init_method": "env://", "timeout": timedelta(minutes=30)}
+    if use_cuda:
+        kwargs["device_id"] = device  # binds NCCL to the device eagerly and avoids a guessed-device barrier
+    dist.init_process_group(**kwargs)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, backend, launch.launcher)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        if info.backend == "nccl":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce that is a no-op for a single process; the tensor must be on info.device."""
+    if info.is_distributed:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    if not info.is_distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=info.device)
+    return holder[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+    """Every rank's object, in rank order, on every rank (small objects such as RNG states)."""
+    if not info.is_distributed:
+        return [obj]
+    out: List[Any] = [None] * info.world_size
+    # Pickled to bytes first so that tensors inside do not need to live on the collective's device.
+    dist.all_gather_object(out, pickle.dumps(obj))
+    return [pickle.loads(b) for b in out]

@@ -1,0 +1,346 @@
+"""One optimizer step and one pass over the validation set, done fast and counted exactly.
+
+uint8 batches arrive from the data loader; here they are copied to the device without blocking,
+normalised there, optionally mixed (timm's Mixup), and run under autocast. Gradients of
+``accum_steps`` micro-batches are accumulated with DDP's ``no_sync`` so only the last one
+all-reduces. After every optimizer step all ranks agree in one tiny all-reduce whether to stop
+(a signal on any rank, or a non-finite loss), so they always stop at the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import Progress
+from .config import Config
+from .distributed import DistInfo, all_reduce
+from .metrics_log import RunLog, StepTimer, format_duration, max_memory_gib
+from .optim import LRSchedule, set_lr
+from .signals import StopRequest
+from .wandb_run import WandbRun
+
+
+class EpochEnd(enum.Enum):
+    COMPLETE = "complete"  # every step of the epoch is done
+    SIGNAL = "signal"  # a stop signal reached some rank
+    MAX_STEPS = "max_steps"  # --max-steps reached
+    NONFINITE = "nonfinite"  # the loss was NaN or infinite on some rank
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp: fp16 needs CUDA; use --amp bf16 or --amp off on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: autotuning pays off after a few steps
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+
+def prepare_model(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
+    """Device, memory format and SyncBatchNorm; done before the optimizer and EMA see the model."""
+    if cfg.sync_bn:
+        if info.device.type != "cuda":
+            raise ValueError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(info.device)
+    if use_channels_last(cfg, info.device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class DeviceNormalize:
+    """uint8 NCHW batch on the host -> normalised float batch on the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool):
+        self.device = device
+        self.channels_last = channels_last
+        # Folding the 1/255 into mean and std saves one full pass over the batch.
+        self.mean = torch.tensor([255.0 * m for m in mean], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x.float() - self.mean) / self.std
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    count: int
+    bad: int = 0
+
+    def as_dict(self, prefix: str = "") -> Dict[str, float]:
+        return {f"{prefix}top1": self.top1, f"{prefix}top5": self.top5, f"{prefix}loss": self.loss,
+                f"{prefix}count": self.count}
+
+
+@dataclass
+class EpochStats:
+    end: EpochEnd
+    loss: float = float("nan")
+    bad_samples: int = 0
+    seconds: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the wrapped model (DDP, compile), the AMP machinery, the EMA and the loss."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule, cfg: Config,
+                 info: DistInfo, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                 log: RunLog, wandb: WandbRun) -> None:
+        self.model = model  # the plain module: its state_dict has no wrapper prefixes
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.cfg = cfg
+        self.info = info
+        self.log = log
+        self.wandb = wandb
+        self.device = info.device
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.normalize = DeviceNormalize(mean, std, self.device, use_channels_last(cfg, self.device))
+        self.ema = self._make_ema(model) if cfg.ema else None
+
+        self.ddp: Optional[DistributedDataParallel] = None
+        train_model: nn.Module = model
+        if info.is_distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+            train_model = self.ddp
+        self.train_model = torch.compile(train_model) if cfg.compile else train_model
+
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                               label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def _make_ema(self, model: nn.Module) -> nn.Module:
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(model, decay=self.cfg.ema_decay)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- state for checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], report: Callable[[str], None]) -> None:
+        from .optim import load_optimizer_state
+
+        self.model.load_state_dict(state["model"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            else:
+                report("note: the checkpoint has no EMA weights; the EMA starts from the current weights")
+                self.ema.module.load_state_dict(state["model"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+        x = self.normalize(images)
+        y = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast():
+                loss = self.criterion(self.train_model(x), y)
+            self.scaler.scale(loss / self.cfg.accum_steps).backward()
+        return loss.detach()
+
+    def _optimizer_step(self, step: int) -> None:
+        set_lr(self.optimizer, self.schedule(step))
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=step + 1)
+
+    def steps_per_epoch(self, loader: Any) -> int:
+        return len(loader) // self.cfg.accum_steps
+
+    def train_epoch(self, loader: Any, progress: Progress, stop: StopRequest,
+                    on_checkpoint: Callable[[], None]) -> EpochStats:
+        """Optimizer steps from progress.batch_in_epoch to the end of progress.epoch (or an earlier stop).
+
+        `progress` is advanced in place after every step, so it always describes the state of the
+        weights; on_checkpoint() is called every cfg.ckpt_every steps (not at the epoch's end).
+        """
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        steps_per_epoch = self.steps_per_epoch(loader)
+        first_step = progress.batch_in_epoch // accum
+        loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+        self.model.train()
+        timer = StepTimer()
+        started = time.perf_counter()
+        window_loss = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum, count), no per-step sync
+        epoch_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+        bad = 0
+        end = EpochEnd.COMPLETE
+        batches = iter(loader)
+        for step_in_epoch in range(first_step, steps_per_epoch):
+            step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                images, targets, bad_mask = next(batches)
+                timer.add_data(time.perf_counter() - t0, images.shape[0])
+                bad += int(bad_mask.sum())
+                step_loss += self._forward_backward(images, targets, sync=micro == accum - 1).double()
+            self._optimizer_step(progress.global_step)
+            timer.end_step()
+            step_loss /= accum
+            flags = torch.stack([torch.tensor(float(stop.requested), device=self.device, dtype=torch.float64),
+                                 (~torch.isfinite(step_loss)).double()])
+            stop_signal, nonfinite = all_reduce(flags, self.info, op="max").tolist()
+            if nonfinite:
+                return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": step_loss.item()})
+            progress.global_step += 1
+            progress.batch_in_epoch = (step_in_epoch + 1) * accum
+            window_loss += torch.stack([step_loss, torch.ones_like(step_loss)])
+            epoch_loss += torch.stack([step_loss, torch.ones_like(step_loss)])
+            if progress.global_step % cfg.log_every == 0:
+                self._log_window(progress, step_in_epoch + 1, steps_per_epoch, timer, window_loss)
+                window_loss.zero_()
+            if stop_signal:
+                end = EpochEnd.SIGNAL
+                break
+            if cfg.max_steps is not None and progress.global_step >= cfg.max_steps:
+                end = EpochEnd.MAX_STEPS
+                break
+            if cfg.ckpt_every and progress.global_step % cfg.ckpt_every == 0 and step_in_epoch + 1 < steps_per_epoch:
+                on_checkpoint()
+        totals = all_reduce(torch.cat([epoch_loss, torch.tensor([float(bad)], device=self.device,
+                                                                dtype=torch.float64)]), self.info).tolist()
+        return EpochStats(end, loss=totals[0] / max(totals[1], 1), bad_samples=int(totals[2]),
+                          seconds=time.perf_counter() - started)
+
+    def _log_window(self, progress: Progress, step_in_epoch: int, steps_per_epoch: int, timer: StepTimer,
+                    window_loss: torch.Tensor) -> None:
+        loss_sum, count = all_reduce(window_loss.clone(), self.info).tolist()
+        w = timer.window()
+        total_steps = self.cfg.epochs * steps_per_epoch
+        if self.cfg.max_steps is not None:
+            total_steps = min(total_steps, self.cfg.max_steps)
+        values = {
+            "loss": loss_sum / max(count, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": w["images_per_s"] * self.info.world_size,
+            "data_wait": w["data_wait"],
+            "step_time": w["step_time"],
+            "eta_epoch_s": timer.eta(steps_per_epoch - step_in_epoch),
+            "eta_run_s": timer.eta(total_steps - progress.global_step),
+            "max_mem_gib": max_memory_gib(self.device),
+        }
+        mem_kind = "GiB" if self.device.type == "cuda" else "GiB rss"
+        self.log.print(
+            f"epoch {progress.epoch + 1}/{self.cfg.epochs}  step {step_in_epoch}/{steps_per_epoch} "
+            f"(global {progress.global_step})  loss {values['loss']:.4f}  lr {values['lr']:.4g}  "
+            f"{values['images_per_s']:.1f} img/s  data {100 * values['data_wait']:.0f}%  "
+            f"step {values['step_time']:.3f}s  eta epoch {format_duration(values['eta_epoch_s'])} "
+            f"run {format_duration(values['eta_run_s'])}  mem {values['max_mem_gib']:.2f} {mem_kind}")
+        self.log.record("train", epoch=progress.epoch + 1, step=progress.global_step, epoch_step=step_in_epoch,
+                        **values)
+        self.wandb.log({f"train/{k}": v for k, v in values.items()}
+                       | {"epoch": progress.epoch + step_in_epoch / steps_per_epoch}, step=progress.global_step)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self, loader: Any, model: Optional[nn.Module] = None) -> EvalResult:
+        return evaluate(model if model is not None else self.model, loader, info=self.info,
+                        normalize=self.normalize, amp_dtype=self.amp_dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: DeviceNormalize,
+             amp_dtype: Optional[torch.dtype]) -> EvalResult:
+    """Top-1/top-5 and loss over the whole validation set, each image counted once across ranks.
+
+    Runs the plain module, not the DDP wrapper: ranks may have different numbers of batches,
+    and DDP's forward would wait for collectives the other ranks never join.
+    """
+    device = info.device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, loss, count, bad
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, targets, bad_mask in loader:
+        x = normalize(images)
+        y = targets.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(y.unsqueeze(1))
+        counts = torch.tensor([float(y.numel()), float(bad_mask.sum())], dtype=torch.float64, device=device)
+        sums += torch.cat([torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double(),
+                           criterion(logits, y).double().view(1), counts])
+    model.train(was_training)
+    top1, top5, loss, count, bad = all_reduce(sums, info).tolist()
+    if int(count) != loader.num_samples:
+        raise RuntimeError(f"evaluation saw {int(count)} images across ranks but the validation set has "
+                           f"{loader.num_samples}; the evaluation loader must visit every image exactly once")
+    n = max(count, 1.0)
+    return EvalResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n, loss=loss / n, count=int(count), bad=int(bad))
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (all devices), numpy and random; numpy's global RNG drives timm's Mixup."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

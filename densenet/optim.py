@@ -1,0 +1,83 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is a pure function of the global optimizer step, so its whole state is that step:
+resuming needs nothing else, and a changed --lr or --epochs on resume takes effect as written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .config import Config
+
+BASE_BATCH = 256  # base_lr is per this many images (Goyal et al.'s linear scaling rule)
+
+
+def peak_lr(cfg: Config, global_batch: int) -> float:
+    return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / BASE_BATCH
+
+
+def _param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> List[Dict]:
+    if not no_decay_norm_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # 1-d tensors are norm scales/shifts and biases: decaying them only fights normalisation.
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay, cfg.no_weight_decay_norm_bias)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
+    """Restore the optimizer's buffers (momentum, Adam moments) but keep this run's hyperparameters,
+    so that a config change on resume (say, weight decay) is applied rather than silently undone."""
+    current: List[Dict] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, current):
+        group.update(hyper)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    peak_lr: float
+    kind: str  # "step" or "cosine"
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    milestone_steps: Tuple[int, ...]
+    gamma: float
+    min_lr: float
+
+    @classmethod
+    def from_config(cls, cfg: Config, peak: float, steps_per_epoch: int) -> "LRSchedule":
+        return cls(peak_lr=peak, kind=cfg.lr_schedule, steps_per_epoch=steps_per_epoch,
+                   total_steps=cfg.epochs * steps_per_epoch,
+                   warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+                   milestone_steps=tuple(m * steps_per_epoch for m in cfg.lr_milestones),
+                   gamma=cfg.lr_gamma, min_lr=cfg.min_lr)
+
+    def __call__(self, step: int) -> float:
+        """Learning rate of optimizer step number `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        if self.kind == "step":
+            return self.peak_lr * self.gamma ** sum(step >= m for m in self.milestone_steps)
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,57 @@
+"""Graceful stop on SIGTERM / SIGINT / SIGUSR1.
+
+The first signal only sets a flag; the training loop checks it after every optimizer step (all
+ranks agree through one all-reduce, so a signal that reached a single rank still stops all of them
+at the same step), saves a checkpoint and exits with EXIT_INTERRUPTED. A second signal exits at
+once with 128 + signum, the status a shell reports for a process killed by that signal.
+
+SIGUSR1 is SLURM's usual "time is nearly up" warning. torchrun forwards SIGTERM and SIGINT to its
+workers but not SIGUSR1: under torchrun, send SIGUSR1 to the worker processes themselves.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 3  # a checkpoint was saved: run the same command again to resume
+EXIT_NONFINITE = 4  # the loss became NaN/inf; the last good checkpoint was left as it was
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records the first stop signal; installing it replaces the handlers of HANDLED signals."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._pid = os.getpid()
+
+    def install(self) -> "StopRequest":
+        for sig in HANDLED:
+            signal.signal(sig, self._handle)
+        return self
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:
+            # A forked data-loader worker inherited this handler; the main process decides.
+            return
+        if self.signum is not None:
+            os.write(2, f"\nsecond signal {signal.Signals(signum).name}: exiting now without saving\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        # os.write rather than print: a handler may interrupt a print and re-enter the same stream.
+        os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving a checkpoint, "
+                    f"then exiting with status {EXIT_INTERRUPTED}; send it again to exit at once\n".encode())
+
+    def ignore_further(self) -> None:
+        """After the final checkpoint is safely written, late signals (a launcher tearing the job
+        down once one rank has exited) must not turn a clean, resumable exit into a kill."""
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_IGN)
