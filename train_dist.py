@@ -174,7 +174,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
             return stop_nonfinite(progress, stats.extra["step_loss"], run_dir, log, wandb)
         if stats.end is EpochEnd.SIGNAL:
             save(epoch_end=False)
-            return exit_interrupted(stop, log, wandb, progress)
+            return exit_interrupted(stats.signal, stop, log, wandb, progress)
         epoch_number = progress.epoch + 1  # 1-based, as printed and recorded
         epoch_done = progress.batch_in_epoch >= steps_per_epoch * cfg.accum_steps
         if epoch_done:
@@ -199,8 +199,9 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
         wandb.log({f"epoch/{k}": v for k, v in metrics.items()} | {"epoch": epochs_float}, step=progress.global_step)
         save(epoch_end=epoch_done, is_best=is_best)
         # A signal that arrived during evaluation may have reached only some ranks: agree first.
-        if all_reduce(torch.tensor([float(stop.requested)], device=info.device), info, op="max").item():
-            return exit_interrupted(stop, log, wandb, progress)
+        signum = int(all_reduce(torch.tensor([float(stop.signum or 0)], device=info.device), info, op="max").item())
+        if signum:
+            return exit_interrupted(signum, stop, log, wandb, progress)
     log.print(f"finished: best val top1 {progress.best_top1:.2f} at epoch {progress.best_epoch}; run folder {run_dir}")
     wandb.finish(EXIT_OK)
     log.close()
@@ -248,10 +249,10 @@ def load_initial_weights(model: torch.nn.Module, path: str, log: RunLog) -> None
     log.print(f"initial weights from {path}" + (f" (not loaded, shapes differ: {', '.join(skipped)})" if skipped else ""))
 
 
-def exit_interrupted(stop: StopRequest, log: RunLog, wandb: Any, progress: Progress) -> int:
+def exit_interrupted(signum: int, stop: StopRequest, log: RunLog, wandb: Any, progress: Progress) -> int:
     stop.ignore_further()
     log.print(f"stopped by a signal at step {progress.global_step}; checkpoint saved: run the same command to resume")
-    log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="interrupted", signal=stop.signum)
+    log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="interrupted", signal=signum)
     wandb.mark_preempting()
     wandb.finish(EXIT_INTERRUPTED)
     log.close()

@@ -57,7 +57,7 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
     weight_decay: float = _opt(1e-4, "weight decay")
-    no_weight_decay_norm_bias: bool = _opt(False, "no weight decay on normalisation weights and biases")
+    weight_decay_norm_bias: bool = _opt(True, "weight decay on normalisation weights and biases too (the paper)")
     lr_schedule: str = _opt("step", "learning rate schedule over optimizer steps", ("step", "cosine"))
     lr_milestones: List[int] = _opt([30, 60], "epochs at which the step schedule multiplies lr by lr_gamma")
     lr_gamma: float = _opt(0.1, "factor of the step schedule at each milestone")
@@ -119,7 +119,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "warmup_epochs": 5.0,
         "label_smoothing": 0.1,
         "weight_decay": 5e-5,
-        "no_weight_decay_norm_bias": True,
+        "weight_decay_norm_bias": False,
         "ema": True,
         "ema_decay": 0.9999,
         "mixup": 0.2,

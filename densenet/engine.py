@@ -107,6 +107,7 @@ class EpochStats:
     loss: float = float("nan")
     bad_samples: int = 0
     seconds: float = 0.0
+    signal: int = 0  # the stop signal's number (the largest, if ranks received different ones)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,7 +228,7 @@ class Trainer:
         window_loss = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum, count), no per-step sync
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
         bad = 0
-        end = EpochEnd.COMPLETE
+        end, stop_signal = EpochEnd.COMPLETE, 0.0
         batches = iter(loader)
         for step_in_epoch in range(first_step, steps_per_epoch):
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -240,9 +241,9 @@ class Trainer:
             self._optimizer_step(progress.global_step)
             timer.end_step()
             step_loss /= accum
-            flags = torch.stack([torch.tensor(float(stop.requested), device=self.device, dtype=torch.float64),
+            flags = torch.stack([torch.tensor(float(stop.signum or 0), device=self.device, dtype=torch.float64),
                                  (~torch.isfinite(step_loss)).double()])
-            stop_signal, nonfinite = all_reduce(flags, self.info, op="max").tolist()
+            stop_signal, nonfinite = all_reduce(flags, self.info, op="max").tolist()  # any rank's signal counts
             if nonfinite:
                 return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": step_loss.item()})
             progress.global_step += 1
@@ -263,7 +264,7 @@ class Trainer:
         totals = all_reduce(torch.cat([epoch_loss, torch.tensor([float(bad)], device=self.device,
                                                                 dtype=torch.float64)]), self.info).tolist()
         return EpochStats(end, loss=totals[0] / max(totals[1], 1), bad_samples=int(totals[2]),
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, signal=int(stop_signal))
 
     def _log_window(self, progress: Progress, step_in_epoch: int, steps_per_epoch: int, timer: StepTimer,
                     window_loss: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ def peak_lr(cfg: Config, global_batch: int) -> float:
     return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / BASE_BATCH
 
 
-def _param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> List[Dict]:
-    if not no_decay_norm_bias:
+def _param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> List[Dict]:
+    if decay_norm_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for p in model.parameters():
@@ -33,7 +33,7 @@ def _param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: boo
 
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay, cfg.no_weight_decay_norm_bias)
+    groups = _param_groups(model, cfg.weight_decay, cfg.weight_decay_norm_bias)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=lr)

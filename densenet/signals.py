@@ -7,11 +7,16 @@ once with 128 + signum, the status a shell reports for a process killed by that 
 
 SIGUSR1 is SLURM's usual "time is nearly up" warning. torchrun forwards SIGTERM and SIGINT to its
 workers but not SIGUSR1: under torchrun, send SIGUSR1 to the worker processes themselves.
+
+One signal often arrives twice: Ctrl-C reaches every process of the terminal's foreground group and
+torchrun forwards it again; SLURM signals every process of a step and torchrun forwards that too.
+So a repeat within DUPLICATE_WINDOW_S of the first signal is taken as the same request.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 EXIT_OK = 0
@@ -20,6 +25,7 @@ EXIT_INTERRUPTED = 3  # a checkpoint was saved: run the same command again to re
 EXIT_NONFINITE = 4  # the loss became NaN/inf; the last good checkpoint was left as it was
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DUPLICATE_WINDOW_S = 2.0
 
 
 class StopRequest:
@@ -27,6 +33,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._first_at = 0.0
         self._pid = os.getpid()
 
     def install(self) -> "StopRequest":
@@ -43,9 +50,12 @@ class StopRequest:
             # A forked data-loader worker inherited this handler; the main process decides.
             return
         if self.signum is not None:
+            if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
+                return  # the same request delivered twice (see the module docstring)
             os.write(2, f"\nsecond signal {signal.Signals(signum).name}: exiting now without saving\n".encode())
             os._exit(128 + signum)
         self.signum = signum
+        self._first_at = time.monotonic()
         # os.write rather than print: a handler may interrupt a print and re-enter the same stream.
         os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving a checkpoint, "
                     f"then exiting with status {EXIT_INTERRUPTED}; send it again to exit at once\n".encode())

@@ -24,13 +24,17 @@ _DEFAULT_HOST = "https://api.wandb.ai"
 def _has_credentials(env: Mapping[str, str]) -> bool:
     if env.get("WANDB_API_KEY"):
         return True
-    host = urlsplit(env.get("WANDB_BASE_URL", _DEFAULT_HOST)).hostname or "api.wandb.ai"
-    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    url = urlsplit(env.get("WANDB_BASE_URL", _DEFAULT_HOST))
+    path = env.get("NETRC") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".netrc")
     try:
-        creds = netrc.netrc(path).authenticators(host)
+        entries = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
         return False
-    return bool(creds and creds[2])
+    for host in (url.netloc, url.hostname):  # wandb writes host:port for servers on a port
+        creds = entries.authenticators(host) if host else None
+        if creds and creds[2]:
+            return True
+    return False
 
 
 def _server_reachable(env: Mapping[str, str], timeout: float = 5.0) -> bool:

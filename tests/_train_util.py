@@ -64,8 +64,9 @@ class Background:
     def __init__(self, args: Sequence[str], log_path: Path, nproc: int = 1) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")
+        # A session of its own, so that a signal can go to the whole process group, as Ctrl-C or SLURM send it.
         self.proc = subprocess.Popen(command(args, nproc), cwd=REPO, env=env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         return self.log_path.read_text()
@@ -102,6 +103,10 @@ class Background:
 
     def kill(self, sig: int = signal.SIGTERM, pid: Optional[int] = None) -> None:
         os.kill(pid or self.proc.pid, sig)
+
+    def kill_group(self, sig: int) -> None:
+        """Signal the launcher and every process it started, as SLURM or a terminal's Ctrl-C does."""
+        os.killpg(self.proc.pid, sig)
 
 
 def jsonl(run_dir: Path) -> List[dict]:
