@@ -30,7 +30,19 @@ _EXPORTS = {
     "imagenet_wnids": "classes",
     "resolve_data_root": "root",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataLayoutError",
+    "EvalLoader",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "class_name",
+    "class_names",
+    "imagenet_wnids",
+    "resolve_data_root",
+]
 
 if TYPE_CHECKING:
     from .classes import class_name, class_names, imagenet_wnids

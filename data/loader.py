@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,9 +17,11 @@ from torch.utils.data import DataLoader
 
 from .classes import class_names
 from .datasets import EvalFolderDataset, Sample, TrainFolderDataset
-from .layouts import load_split
+from .layouts import dataset_root, load_split
 from .rng import WORKERS, key_seed
 from .samplers import EvalBatchSampler, TrainBatchSampler
+from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
+from .shards import is_shard_dir, read_index
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -154,20 +155,32 @@ def build_train_loader(
     prefetch_factor: int = 4,
     multiprocessing_context=None,
     split: str = "train",
+    shuffle_buffer: int = 2000,
 ) -> TrainLoader:
-    """The training loader for an ImageNet-layout folder ROOT (``ROOT/<split>/<class>/*.JPEG``)."""
+    """The training loader for a dataset folder ROOT (any layout ``data.layouts`` reads) or a folder
+    of tar shards written by ``python -m data.shards`` (streamed through a ``shuffle_buffer``)."""
     _check_workers(workers, batch_size)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    table = load_split(Path(root), split)
     transform = TrainTransform(image_size, scale=crop_scale, interpolation=interpolation,
                                auto_augment=auto_augment, random_erasing=random_erasing,
                                backend=resize_backend)
+    loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=seed,
+                          rank=rank, multiprocessing_context=multiprocessing_context)
+    root = dataset_root(root)
+    if is_shard_dir(root):
+        index = read_index(root, split)
+        epoch = ShardEpoch(index.num_samples // (batch_size * world_size))
+        if len(epoch) == 0:
+            raise ValueError(f"{index.num_samples} training samples are fewer than one global batch "
+                             f"({world_size} ranks x {batch_size}); lower the batch size or add data")
+        stream = ShardTrainStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, shuffle_buffer=shuffle_buffer, epoch=epoch, collate=collate)
+        return TrainLoader(_dataloader(stream, **loader_options), epoch, index.classes, index.num_samples,
+                           batch_size)
+    table = load_split(root, split)
     sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
-    dataset = TrainFolderDataset(table, transform, seed)
-    dataloader = _dataloader(dataset, batch_sampler=sampler, workers=workers, pin_memory=pin_memory,
-                             prefetch_factor=prefetch_factor, seed=seed, rank=rank,
-                             multiprocessing_context=multiprocessing_context)
+    dataloader = _dataloader(TrainFolderDataset(table, transform, seed), batch_sampler=sampler, **loader_options)
     return TrainLoader(dataloader, sampler, table.classes, len(table), batch_size)
 
 
@@ -187,14 +200,23 @@ def build_eval_loader(
     split: str = "val",
 ) -> EvalLoader:
     """The evaluation loader: resize ``resize_size`` (None: image_size / 0.875), center crop
-    ``image_size``; every image of ``ROOT/<split>`` once over all ranks."""
+    ``image_size``; every image of ``ROOT/<split>`` (or of its shards) once over all ranks."""
     _check_workers(workers, batch_size)
     if resize_size is None:
         resize_size = int(round(image_size / 0.875))
-    table = load_split(Path(root), split)
     transform = EvalTransform(image_size, resize_size, interpolation=interpolation)
+    loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0,
+                          rank=rank, multiprocessing_context=multiprocessing_context)
+    root = dataset_root(root)
+    if is_shard_dir(root):
+        index = read_index(root, split)
+        stream = ShardEvalStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
+                                 collate=collate)
+        counts = stream.rank_counts(workers)
+        num_batches = sum(-(-count // batch_size) for count in counts)
+        return EvalLoader(_dataloader(stream, **loader_options), index.classes, index.num_samples,
+                          sum(counts), num_batches)
+    table = load_split(root, split)
     sampler = EvalBatchSampler(len(table), batch_size, rank, world_size)
-    dataloader = _dataloader(EvalFolderDataset(table, transform), batch_sampler=sampler, workers=workers,
-                             pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0, rank=rank,
-                             multiprocessing_context=multiprocessing_context)
+    dataloader = _dataloader(EvalFolderDataset(table, transform), batch_sampler=sampler, **loader_options)
     return EvalLoader(dataloader, table.classes, len(table), len(sampler.indices), len(sampler))

@@ -16,7 +16,7 @@ import torch
 
 
 # Purposes, the first element of every key, so that no two uses of the same seed collide.
-PERMUTATION, SAMPLE, WORKERS, SHARD_ORDER, SHARD_STREAM = range(1, 6)
+PERMUTATION, SAMPLE, WORKERS, SHARD_ORDER, SHARD_STREAM, SHARD_SAMPLE = range(1, 7)
 
 
 def key_seed(*key: int) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .demo import build_demo
 from .layouts import EXPECTED_LAYOUTS, DataLayoutError, check_split, dataset_root, describe_dir
+from .shards import index_path, is_shard_dir, read_index
 
 
 def resolve_data_root(data: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -17,6 +18,11 @@ def resolve_data_root(data: str | os.PathLike, *, cache_dir: str | os.PathLike |
     if str(data) == "demo":
         return build_demo(cache_dir)
     root = dataset_root(data)
+    if is_shard_dir(root):
+        for split in ("train", "val"):
+            if index_path(root, split).is_file():
+                read_index(root, split)
+        return root
     splits = [split for split in ("train", "val") if (root / split).is_dir()]
     if not splits:
         raise DataLayoutError(f"{root} has neither train/ nor val/; found {describe_dir(root)}; "

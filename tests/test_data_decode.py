@@ -96,7 +96,7 @@ def test_eval_keeps_going_and_counts_broken_files(tree_with_broken_files, caplog
     for rank in range(2):
         loader = build_eval_loader(root, image_size=32, resize_size=36, batch_size=4, workers=rank * 2,
                                    rank=rank, world_size=2)
-        for images, targets, bad in loader:
+        for _, targets, bad in loader:
             seen += len(targets)
             flagged += int(bad.sum())
     assert seen == loader.num_samples == 12 + 3 + 3

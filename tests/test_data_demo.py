@@ -34,7 +34,8 @@ def test_cli_writes_an_imagenet_layout_tree_of_jpegs(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("...")
-    refused = subprocess.run([sys.executable, "-m", "data.demo", str(foreign)], cwd=REPO, capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "-m", "data.demo", str(foreign)], cwd=REPO, capture_output=True,
+                             text=True)
     assert refused.returncode == 2 and "is not a demo dataset" in refused.stderr
     assert (foreign / "thesis.tex").exists()
 

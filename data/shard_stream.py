@@ -1,0 +1,326 @@
+"""Reading tar shards as a stream: split over ranks and workers, shuffled through a buffer, with
+the same number of batches on every rank so that DDP never waits for a rank that ran dry.
+
+Training, per epoch (all draws seeded by the run's seed and the epoch):
+
+* the shard list is permuted, and the reader slots (rank x worker) take every n-th shard of it; with
+  fewer shards than slots, every slot reads every shard and keeps every n-th sample instead;
+* each slot streams its shards through a shuffle buffer (``shuffle_buffer`` samples of encoded
+  bytes, about 110 kB each for ImageNet), cycling over them again if it needs more samples than
+  they hold, and yields exactly its share of the rank's ``num_samples // (world_size * batch_size)``
+  batches: batch b of a rank comes from worker ``b % workers``, matching DataLoader's round robin;
+* each sample's crop, flip and augmentation come from a generator keyed by (seed, epoch, slot,
+  position in the slot's stream).
+
+Exactness, stated plainly: the batches are a pure function of (seed, epoch, shards, world_size,
+workers, batch_size, shuffle_buffer). A resume with those unchanged is bitwise exact at any batch:
+each worker replays its stream up to the resume point, reading but not decoding the skipped samples
+(I/O only). Unlike the folder loader, a different worker count or world size gives a different
+(equally valid) order, because the stream is split by reader slot. Within an epoch a slot may see a
+few samples twice and others not at all (shards are dealt whole and slots are topped up by cycling),
+the usual compromise of streamed data.
+
+Evaluation: slots read disjoint shards in order, without shuffling, so every sample comes exactly
+once over all ranks; ranks may get different numbers of batches (and a rank with no shard none).
+
+An unreadable sample is replaced by another one from the buffer and flagged, as in folder mode; an
+unreadable shard (truncated tar) is reported and its remaining samples are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import tarfile
+from collections import deque
+from typing import Iterator, NamedTuple
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .datasets import MAX_REPLACEMENTS, Sample, too_many_unreadable
+from .decode import UnreadableImage
+from .rng import SHARD_ORDER, SHARD_SAMPLE, SHARD_STREAM, key_generator
+from .samplers import check_rank
+from .shards import IMAGE_SUFFIXES, ShardIndex
+from .transforms import EvalTransform, TrainTransform
+
+
+class RawSample(NamedTuple):
+    name: str  # shard path and key, for messages
+    image: bytes | None
+    target: int | None
+
+
+def iter_shard(path: str, reports: list[tuple[str, str]], expected: int | None = None) -> Iterator[RawSample]:
+    """Samples of one tar shard in stored order; members sharing a key form a sample. A shard that
+    ends early is reported: with a read error, or, when cut at a member boundary (which tar cannot
+    tell from a proper end), by holding fewer samples than the index says."""
+    key, image, target = None, None, None
+    count = 0
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, filename = member.name.rpartition("/")
+                stem, _, ext = filename.partition(".")
+                member_key = f"{folder}/{stem}" if folder else stem
+                if member_key != key:
+                    if key is not None:
+                        count += 1
+                        yield RawSample(f"{path}:{key}", image, target)
+                    key, image, target = member_key, None, None
+                data = tar.extractfile(member).read()
+                if ext.lower() in IMAGE_SUFFIXES:
+                    image = data
+                elif ext == "cls":
+                    target = int(data)
+    except (tarfile.TarError, OSError, ValueError) as err:
+        reports.append((path, f"unreadable shard, rest skipped: {type(err).__name__}: {err}"))
+        expected = None
+    if key is not None:
+        count += 1
+        yield RawSample(f"{path}:{key}", image, target)
+    if expected is not None and count < expected:
+        reports.append((path, f"unreadable shard: {count} of its {expected} samples read; is it truncated?"))
+
+
+class StreamBuffer:
+    """Read-ahead buffer over a sample stream: random order when given a generator (the shuffle
+    buffer), stored order otherwise. Its contents double as the pool replacements come from."""
+
+    def __init__(self, stream: Iterator[RawSample], size: int, generator: torch.Generator | None):
+        self.stream = stream
+        self.size = max(1, size)
+        self.generator = generator
+        self.items: list[RawSample] | deque[RawSample] = [] if generator is not None else deque()
+
+    def _pick(self, n: int) -> int:
+        return int(torch.randint(n, (1,), generator=self.generator))
+
+    def __iter__(self) -> Iterator[RawSample]:
+        items = self.items
+        for sample in self.stream:
+            if len(items) < self.size:
+                items.append(sample)
+                continue
+            if self.generator is None:
+                yield items.popleft()
+                items.append(sample)
+            else:
+                j = self._pick(len(items))
+                yield items[j]
+                items[j] = sample
+        while items:
+            if self.generator is None:
+                yield items.popleft()
+            else:
+                j = self._pick(len(items))
+                items[j], items[-1] = items[-1], items[j]
+                yield items.pop()
+
+
+class PassBuffers:
+    """Shuffle-buffered passes, one after another: a pass is drained before the next one is read,
+    so a slot that needs a single pass sees every sample of it exactly once."""
+
+    def __init__(self, passes: Iterator[Iterator[RawSample]], size: int, generator: torch.Generator):
+        self.passes = passes
+        self.size = size
+        self.generator = generator
+        self.items: list[RawSample] = []
+
+    def __iter__(self) -> Iterator[RawSample]:
+        for one_pass in self.passes:
+            buffer = StreamBuffer(one_pass, self.size, self.generator)
+            self.items = buffer.items
+            produced = 0
+            for sample in buffer:
+                produced += 1
+                yield sample
+            if produced == 0:
+                raise RuntimeError("a reader slot found no samples in its shards; are they all unreadable?")
+
+
+def random_buffered(items, generator: torch.Generator) -> Iterator[RawSample]:
+    """Replacement candidates for training: random members of the shuffle buffer."""
+    for _ in range(MAX_REPLACEMENTS):
+        if not items:
+            return
+        yield items[int(torch.randint(len(items), (1,), generator=generator))]
+
+
+def read_ahead(items) -> Iterator[RawSample]:
+    """Replacement candidates for evaluation: the samples read ahead, in order."""
+    yield from list(items)
+
+
+def decode_sample(raw: RawSample, decode) -> Sample:
+    if raw.image is None or raw.target is None:
+        raise UnreadableImage(raw.name, "incomplete sample: no image or no .cls member")
+    return Sample(decode(raw.image, raw.name), raw.target, ())
+
+
+def decode_or_replace(raw: RawSample, decode, candidates, fallback: RawSample | None) -> tuple[Sample, RawSample]:
+    """Decode ``raw``; if it is unreadable, decode replacements drawn from ``candidates`` (an
+    iterator of buffered samples), then ``fallback``. Returns the sample and the raw one it came from."""
+    failures: list[tuple[str, str]] = []
+    for attempt in itertools.chain((raw,), candidates, (fallback,)):  # lazily: candidates draw randomness
+        if attempt is None or len(failures) >= MAX_REPLACEMENTS:
+            break
+        try:
+            sample = decode_sample(attempt, decode)
+            return sample._replace(unreadable=tuple(failures)), attempt
+        except UnreadableImage as err:
+            failures.append((err.path, err.reason))
+    raise too_many_unreadable(failures)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ShardEpoch:
+    """``set_epoch`` for a stream: the state lives in shared memory, so persistent workers (which
+    hold their own copy of the dataset) read the new epoch when the next pass starts."""
+
+    def __init__(self, num_batches: int):
+        self.num_batches = num_batches
+        self.state = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.num_batches} batches")
+        self.state[0] = epoch
+        self.state[1] = start_batch
+
+
+def slot_samples(index: ShardIndex, shard_order: list[int], slot: int, slots: int,
+                 reports: list[tuple[str, str]]) -> Iterator[RawSample]:
+    """One pass of a reader slot over its part of the shards."""
+    if len(shard_order) >= slots:
+        for shard in shard_order[slot::slots]:
+            yield from iter_shard(index.path(shard), reports, index.counts[shard])
+    else:
+        position = 0
+        for shard in shard_order:
+            for sample in iter_shard(index.path(shard), reports, index.counts[shard]):
+                if position % slots == slot:
+                    yield sample
+                position += 1
+
+
+class ShardTrainStream(IterableDataset):
+    """Yields this worker's whole collated batches of the epoch set in ``epoch``."""
+
+    def __init__(self, index: ShardIndex, transform: TrainTransform, *, batch_size: int, rank: int,
+                 world_size: int, seed: int, shuffle_buffer: int, epoch: ShardEpoch, collate):
+        check_rank(rank, world_size)
+        self.index = index
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = epoch
+        self.collate = collate
+
+    def _decode(self, data: bytes, name: str, generator: torch.Generator):
+        return self.transform(data, name, generator)
+
+    def _passes(self, epoch: int, slot: int, slots: int, reports) -> Iterator[Iterator[RawSample]]:
+        """Passes over the slot's shards, each in a fresh shard order; as many as the epoch needs."""
+        shard_count = len(self.index.shards)
+        for pass_number in range(2**31):
+            order = torch.randperm(shard_count, generator=key_generator(SHARD_ORDER, self.seed, epoch, pass_number))
+            yield slot_samples(self.index, order.tolist(), slot, slots, reports)
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker, workers = _worker()
+        epoch, start_batch = (int(v) for v in self.epoch.state.tolist())
+        # Worker i plays the role of the worker that owns batch start_batch + i in an uninterrupted
+        # pass, because DataLoader's round robin always starts with worker 0.
+        role = (worker + start_batch) % workers
+        batches = range(role, len(self.epoch), workers)
+        skip = sum(1 for b in batches if b < start_batch)
+        slot, slots = self.rank * workers + role, self.world_size * workers
+        reports: list[tuple[str, str]] = []
+        buffer = PassBuffers(self._passes(epoch, slot, slots, reports), self.shuffle_buffer,
+                             key_generator(SHARD_STREAM, self.seed, epoch, slot, slots))
+        stream = iter(buffer)
+        for _ in range(skip * self.batch_size):
+            next(stream)
+        position = skip * self.batch_size
+        last_good: RawSample | None = None
+        for _ in range(len(batches) - skip):
+            samples = []
+            for _ in range(self.batch_size):
+                generator = key_generator(SHARD_SAMPLE, self.seed, epoch, slot, slots, position)
+                position += 1
+                raw = next(stream)
+                decode = functools.partial(self._decode, generator=generator)
+                candidates = random_buffered(buffer.items, generator)
+                sample, last_good = decode_or_replace(raw, decode, candidates, last_good)
+                samples.append(sample)
+            batch = self.collate(samples)
+            batch[3].extend(reports)
+            reports.clear()
+            yield batch
+
+
+class ShardEvalStream(IterableDataset):
+    """Yields this worker's batches of its shards in stored order; the last one may be short."""
+
+    def __init__(self, index: ShardIndex, transform: EvalTransform, *, batch_size: int, rank: int,
+                 world_size: int, collate, read_ahead: int = 16):
+        check_rank(rank, world_size)
+        self.index = index
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.collate = collate
+        self.read_ahead = read_ahead
+
+    def worker_shards(self, worker: int, workers: int) -> list[int]:
+        slots = self.world_size * workers
+        return list(range(len(self.index.shards)))[self.rank * workers + worker::slots]
+
+    def rank_counts(self, workers: int) -> list[int]:
+        """Samples per worker of this rank (workers=0 counts as one)."""
+        workers = max(1, workers)
+        return [sum(self.index.counts[s] for s in self.worker_shards(w, workers)) for w in range(workers)]
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker, workers = _worker()
+        reports: list[tuple[str, str]] = []
+
+        def stream():
+            for shard in self.worker_shards(worker, workers):
+                yield from iter_shard(self.index.path(shard), reports, self.index.counts[shard])
+
+        buffer = StreamBuffer(stream(), self.read_ahead, None)
+        last_good: RawSample | None = None
+        samples: list[Sample] = []
+        for raw in buffer:
+            sample, last_good = decode_or_replace(raw, self.transform, read_ahead(buffer.items), last_good)
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield self._batch(samples, reports)
+                samples = []
+        if samples:
+            yield self._batch(samples, reports)
+
+    def _batch(self, samples, reports):
+        batch = self.collate(samples)
+        batch[3].extend(reports)
+        reports.clear()
+        return batch

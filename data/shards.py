@@ -1,0 +1,249 @@
+"""Tar shards for clusters where a million small files on a shared filesystem are the bottleneck.
+
+    python -m data.shards /datasets/imagenet --split train --out /fast/imagenet-shards
+    python -m data.shards /datasets/imagenet --split val --out /fast/imagenet-shards
+    python train_dist.py --data /fast/imagenet-shards ...
+
+Format: WebDataset's convention, so other tools (``webdataset``, ``wids``) read the shards too.
+``DIR/<split>-000000.tar`` ... each hold about ``--samples-per-shard`` samples, and each sample is two
+consecutive members sharing a key: ``<key>.jpg`` (the original file's bytes, never re-encoded) and
+``<key>.cls`` (the class index as decimal text). Samples are assigned to shards in one seeded random
+order, so every shard mixes all classes and a small shuffle buffer suffices when streaming.
+``DIR/<split>-index.json`` lists the classes and every shard with its sample count.
+
+Written with the standard ``tarfile`` module: writing and streaming tar members needs nothing more,
+it keeps the dependency list short, and owning the reader is what lets it split, shuffle and skip
+deterministically for exact resume (see data/shard_stream.py). Each shard is written to a temporary
+name and renamed when complete, so an interrupted conversion resumes where it stopped: complete
+shards that match the plan are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from .layouts import DataLayoutError, SampleTable, load_split
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png")
+
+
+def index_path(shard_dir: Path, split: str) -> Path:
+    return Path(shard_dir) / f"{split}-index.json"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def is_shard_dir(path: Path) -> bool:
+    return any(index_path(path, split).is_file() for split in ("train", "val"))
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What a loader needs to know about a split's shards, read from ``<split>-index.json``."""
+
+    shard_dir: Path
+    split: str
+    classes: tuple[str, ...]
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    def path(self, shard: int) -> str:
+        return str(self.shard_dir / self.shards[shard])
+
+
+def read_index(shard_dir: str | os.PathLike, split: str) -> ShardIndex:
+    """Read and check a split's index; a missing or unfinished shard is an error naming the fix."""
+    shard_dir = Path(shard_dir)
+    path = index_path(shard_dir, split)
+    if not path.is_file():
+        found = sorted(p.name for p in shard_dir.glob("*-index.json"))
+        raise DataLayoutError(
+            f"{shard_dir} has no {path.name} (found: {', '.join(found) or 'no index'}); write the "
+            f"{split} shards with `python -m data.shards ROOT --split {split} --out {shard_dir}`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != INDEX_FORMAT:
+        raise DataLayoutError(f"{path} has format {meta.get('format')}, this version reads {INDEX_FORMAT}")
+    missing = [s["name"] for s in meta["shards"] if not (shard_dir / s["name"]).is_file()]
+    if missing:
+        raise DataLayoutError(f"{shard_dir} lacks {len(missing)} shards listed in {path.name} "
+                              f"(e.g. {missing[0]}); copy them or rerun `python -m data.shards`")
+    return ShardIndex(shard_dir, split, tuple(meta["classes"]), tuple(s["name"] for s in meta["shards"]),
+                      tuple(int(s["samples"]) for s in meta["shards"]))
+
+
+def sample_key(relative_path: str) -> str:
+    """The member name stem: the source path without extension, dots replaced (WebDataset cuts the
+    key at the first dot of the file name)."""
+    stem = relative_path.rsplit(".", 1)[0]
+    return stem.replace(".", "_")
+
+
+def image_suffix(relative_path: str) -> str:
+    ext = relative_path.rsplit(".", 1)[-1].lower()
+    return "png" if ext == "png" else "jpg"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # identical bytes for identical input
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(table: SampleTable, indices: np.ndarray, out: Path, progress=None) -> int:
+    """Write one shard atomically; returns its sample count. Unreadable source files are copied
+    as they are: the loaders replace and count them when they read them."""
+    tmp = out.with_name(f".{out.name}.partial")
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for index in indices.tolist():
+            relative = table.paths[index].decode()
+            key = sample_key(relative)
+            with open(os.path.join(table.root, relative), "rb") as f:
+                _add_member(tar, f"{key}.{image_suffix(relative)}", f.read())
+            _add_member(tar, f"{key}.cls", str(int(table.targets[index])).encode())
+            if progress is not None:
+                progress.update(1)
+    os.replace(tmp, out)
+    return len(indices)
+
+
+def count_samples(path: Path) -> int | None:
+    """Samples in a finished shard (image members), or None if it cannot be read to the end."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            return sum(1 for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_SUFFIXES)
+    except (tarfile.TarError, OSError):
+        return None
+
+
+def plan_shards(table: SampleTable, samples_per_shard: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(len(table))
+    return [order[i:i + samples_per_shard] for i in range(0, len(order), samples_per_shard)]
+
+
+def plan_fingerprint(table: SampleTable, samples_per_shard: int, seed: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{samples_per_shard} {seed} {len(table)}\n".encode())
+    digest.update("\n".join(table.classes).encode())
+    digest.update(table.paths.tobytes())
+    digest.update(table.targets.tobytes())
+    return digest.hexdigest()[:16]
+
+
+_job_table: SampleTable | None = None
+
+
+def _init_job(table: SampleTable) -> None:
+    global _job_table
+    _job_table = table  # sent once per process, not once per shard
+
+
+def _write_shard_job(args) -> tuple[int, int]:
+    number, indices, out = args
+    return number, write_shard(_job_table, indices, out)
+
+
+def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, *, samples_per_shard: int = 1000,
+            seed: int = 0, jobs: int = 1, show_progress: bool = True) -> Path:
+    """Write (or finish writing) the shards of ``ROOT/<split>`` into ``out``; returns the index."""
+    from tqdm import tqdm
+
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    table = load_split(root, split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(table, samples_per_shard, seed)
+    fingerprint = plan_fingerprint(table, samples_per_shard, seed)
+    plan_file = out / f".{split}-plan"
+    if plan_file.exists() and plan_file.read_text() != fingerprint:
+        raise FileExistsError(f"{out} holds {split} shards written from other files or settings; "
+                              "use an empty --out folder (or delete its shards) to start over")
+    plan_file.write_text(fingerprint)
+    index_path(out, split).unlink(missing_ok=True)  # only a finished conversion has an index
+
+    counts: dict[int, int] = {}
+    todo: list[int] = []
+    for number, indices in enumerate(plan):
+        path = out / shard_name(split, number)
+        if path.exists() and count_samples(path) == len(indices):
+            counts[number] = len(indices)
+        else:
+            todo.append(number)
+    if counts:
+        log.info("%s: %d of %d shards already complete; writing the other %d", out, len(counts), len(plan), len(todo))
+    progress = tqdm(total=len(table), initial=sum(counts.values()), unit="img", disable=not show_progress,
+                    desc=f"{split} shards")
+    with progress:
+        if jobs <= 1:
+            for number in todo:
+                counts[number] = write_shard(table, plan[number], out / shard_name(split, number), progress)
+        else:
+            work = [(n, plan[n], out / shard_name(split, n)) for n in todo]
+            with get_context("spawn").Pool(jobs, initializer=_init_job, initargs=(table,)) as pool:
+                for number, count in pool.imap_unordered(_write_shard_job, work):
+                    counts[number] = count
+                    progress.update(count)
+    index = {
+        "format": INDEX_FORMAT,
+        "split": split,
+        "source": str(Path(table.root).resolve()),
+        "layout": table.layout,
+        "num_samples": len(table),
+        "samples_per_shard": samples_per_shard,
+        "seed": seed,
+        "classes": list(table.classes),
+        "shards": [{"name": shard_name(split, n), "samples": counts[n]} for n in range(len(plan))],
+    }
+    tmp = index_path(out, split).with_suffix(".json.partial")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, index_path(out, split))
+    return index_path(out, split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write an ImageNet split as WebDataset-style tar shards.")
+    parser.add_argument("root", help="dataset folder (any layout the loaders read)")
+    parser.add_argument("--split", default="train", help="split folder to convert (default: train)")
+    parser.add_argument("--out", required=True, help="folder for the shards and the index")
+    parser.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="samples per shard (default 1000, about 110 MB of ImageNet)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the order samples are spread over shards")
+    parser.add_argument("--jobs", type=int, default=1, help="shards written in parallel (default 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = convert(args.root, args.split, args.out, samples_per_shard=args.samples_per_shard,
+                       seed=args.seed, jobs=args.jobs)
+    except (DataLayoutError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = json.loads(path.read_text())
+    print(f"{meta['num_samples']} samples in {len(meta['shards'])} shards; index {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
