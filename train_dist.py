@@ -102,10 +102,8 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
                                       pin_memory=info.device.type == "cuda")
     val_loader = eval_loader_for(cfg, root, info)
     steps_per_epoch = len(train_loader) // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size: {len(train_loader)} batches per process per epoch is fewer than "
-                          f"accum_steps={cfg.accum_steps}; use a smaller --batch-size or --accum-steps")
     num_classes = cfg.num_classes or train_loader.num_classes
+    check_data_fits(cfg, train_loader, steps_per_epoch, num_classes)
 
     # --- model, optimizer, learning-rate schedule (lr scaled linearly to the global batch)
     model = densenet.create_model(cfg.arch, num_classes=num_classes, memory_efficient=cfg.memory_efficient,
@@ -139,14 +137,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
             load_initial_weights(model, cfg.weights, log)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml", derived)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    log.print(f"{cfg.arch} ({n_params:.2f}M parameters, {num_classes} classes) on {info.world_size} x "
-              f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); run folder {run_dir}; "
-              f"restart count {restart_count}")
-    log.print(f"batch {cfg.batch_size} per process x {info.world_size} processes x {cfg.accum_steps} accumulated = "
-              f"{global_batch} global; peak lr {lr:.4g}; amp {trainer.amp_dtype or 'off'}; channels_last "
-              f"{use_channels_last(cfg, info.device)}; {train_loader.num_samples} train / {val_loader.num_samples} "
-              f"val images; {steps_per_epoch} steps per epoch")
+    describe_run(cfg, info, log, model, trainer, train_loader, val_loader, derived, restart_count)
 
     # --- checkpoints: all ranks take part (RNG states are gathered), rank 0 writes
     saver = CheckpointSaver(run_dir, cfg.keep_epochs) if info.is_main else None
@@ -187,25 +178,54 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
         is_best = metrics["val_top1"] > progress.best_top1
         if is_best:
             progress.best_top1, progress.best_epoch = metrics["val_top1"], epoch_number
-        log.print(f"epoch {epoch_number}/{cfg.epochs} {'done' if epoch_done else 'stopped'} (step {progress.global_step}): "
-                  f"train loss {stats.loss:.4f}  val top1 {metrics['val_top1']:.2f}  top5 {metrics['val_top5']:.2f}  "
-                  f"loss {metrics['val_loss']:.4f} on {metrics['val_count']} images"
-                  + (f"  ema top1 {metrics['val_ema_top1']:.2f}" if trainer.ema is not None else "")
-                  + f"  best {progress.best_top1:.2f}  bad samples {stats.bad_samples}  {stats.seconds:.0f}s")
-        log.record("eval", epoch=epoch_number, step=progress.global_step,
-                   **{k[4:]: v for k, v in metrics.items() if k.startswith("val_")})
-        log.record("epoch", epoch=epoch_number, step=progress.global_step, epoch_complete=epoch_done,
-                   best_top1=progress.best_top1, **metrics)
+        report_epoch(metrics, epoch_number, epoch_done, progress, cfg, log)
         wandb.log({f"epoch/{k}": v for k, v in metrics.items()} | {"epoch": epochs_float}, step=progress.global_step)
         save(epoch_end=epoch_done, is_best=is_best)
         # A signal that arrived during evaluation may have reached only some ranks: agree first.
         signum = int(all_reduce(torch.tensor([float(stop.signum or 0)], device=info.device), info, op="max").item())
         if signum:
             return exit_interrupted(signum, stop, log, wandb, progress)
-    log.print(f"finished: best val top1 {progress.best_top1:.2f} at epoch {progress.best_epoch}; run folder {run_dir}")
+    log.print(f"finished: best val top1 {progress.best_top1:.2f} at epoch {progress.best_epoch}; "
+              f"run folder {run_dir}")
     wandb.finish(EXIT_OK)
     log.close()
     return EXIT_OK
+
+
+def check_data_fits(cfg: Config, train_loader: Any, steps_per_epoch: int, num_classes: int) -> None:
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size: {len(train_loader)} batches per process per epoch is fewer than "
+                          f"accum_steps={cfg.accum_steps}; use a smaller --batch-size or --accum-steps")
+    if num_classes < train_loader.num_classes:
+        raise ConfigError(f"num_classes: {num_classes} is fewer than the {train_loader.num_classes} classes of "
+                          "the training data; drop --num-classes to use the data's")
+
+
+def describe_run(cfg: Config, info: DistInfo, log: RunLog, model: torch.nn.Module, trainer: Trainer,
+                 train_loader: Any, val_loader: Any, derived: Dict[str, Any], restart_count: int) -> None:
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log.print(f"{cfg.arch} ({n_params:.2f}M parameters, {derived['num_classes']} classes) on {info.world_size} x "
+              f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); "
+              f"run folder {cfg.run_dir()}; restart count {restart_count}")
+    log.print(f"batch {cfg.batch_size} per process x {info.world_size} processes x {cfg.accum_steps} accumulated = "
+              f"{derived['global_batch_size']} global; peak lr {derived['peak_lr']:.4g}; "
+              f"amp {trainer.amp_dtype or 'off'}; channels_last {use_channels_last(cfg, info.device)}; "
+              f"{train_loader.num_samples} train / {val_loader.num_samples} val images; "
+              f"{derived['steps_per_epoch']} steps per epoch")
+
+
+def report_epoch(metrics: Dict[str, float], epoch_number: int, epoch_done: bool, progress: Progress, cfg: Config,
+                 log: RunLog) -> None:
+    ema = f"  ema top1 {metrics['val_ema_top1']:.2f}" if "val_ema_top1" in metrics else ""
+    log.print(f"epoch {epoch_number}/{cfg.epochs} {'done' if epoch_done else 'stopped'} "
+              f"(step {progress.global_step}): train loss {metrics['train_loss']:.4f}  "
+              f"val top1 {metrics['val_top1']:.2f}  top5 {metrics['val_top5']:.2f}  loss {metrics['val_loss']:.4f} "
+              f"on {metrics['val_count']} images{ema}  best {progress.best_top1:.2f}  "
+              f"bad samples {metrics['bad_samples']}  {metrics['epoch_time_s']:.0f}s")
+    log.record("eval", epoch=epoch_number, step=progress.global_step,
+               **{k[4:]: v for k, v in metrics.items() if k.startswith("val_")})
+    log.record("epoch", epoch=epoch_number, step=progress.global_step, epoch_complete=epoch_done,
+               best_top1=progress.best_top1, **metrics)
 
 
 def load_resume_checkpoint(cfg: Config, run_dir: Path, info: DistInfo, log: RunLog) -> Optional[Dict[str, Any]]:
@@ -230,8 +250,8 @@ def resume_progress(ckpt: Dict[str, Any], cfg: Config, info: DistInfo, log: RunL
         restore_rng_state(rng_states[info.rank], info.device)
         progress = saved
     else:
-        log.print(f"warning: the checkpoint was written by {saved.world_size} processes x batch {saved.batch_size} x "
-                  f"accum {saved.accum_steps}; now {info.world_size} x {cfg.batch_size} x {cfg.accum_steps}: "
+        log.print(f"warning: the checkpoint was written by {saved.world_size} processes x batch {saved.batch_size} "
+                  f"x accum {saved.accum_steps}; now {info.world_size} x {cfg.batch_size} x {cfg.accum_steps}: "
                   "resuming at the same image count of the epoch, but not bitwise exactly")
         seed_all(cfg.seed + 1000 * info.rank + saved.global_step)
         progress = saved.relayout(info.world_size, cfg.batch_size, cfg.accum_steps)
@@ -246,7 +266,8 @@ def load_initial_weights(model: torch.nn.Module, path: str, log: RunLog) -> None
     own = model.state_dict()
     skipped = [k for k, v in weights.items() if k in own and v.shape != own[k].shape]
     model.load_state_dict({k: v for k, v in weights.items() if k not in skipped}, strict=not skipped)
-    log.print(f"initial weights from {path}" + (f" (not loaded, shapes differ: {', '.join(skipped)})" if skipped else ""))
+    note = f" (not loaded, shapes differ: {', '.join(skipped)})" if skipped else ""
+    log.print(f"initial weights from {path}{note}")
 
 
 def exit_interrupted(signum: int, stop: StopRequest, log: RunLog, wandb: Any, progress: Progress) -> int:
@@ -261,9 +282,10 @@ def exit_interrupted(signum: int, stop: StopRequest, log: RunLog, wandb: Any, pr
 
 def stop_nonfinite(progress: Progress, loss: float, run_dir: Path, log: RunLog, wandb: Any) -> int:
     last = run_dir / "last.pt"
-    kept = f"the last good checkpoint {last} was left as it was" if last.exists() else "no checkpoint had been saved yet"
-    message = (f"error: the training loss became {loss} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); "
-               f"stopping without saving: {kept}. Try a lower --lr, --grad-clip, or --amp bf16 instead of fp16.")
+    kept = f"the last good checkpoint {last} was left as it was" if last.exists() else "no checkpoint was saved yet"
+    message = (f"error: the training loss became {loss} at step {progress.global_step + 1} "
+               f"(epoch {progress.epoch + 1}); stopping without saving: {kept}. "
+               "Try a lower --lr, --grad-clip, or --amp bf16 instead of fp16.")
     if log.is_main:
         print(message, file=sys.stderr, flush=True)
     log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="nonfinite_loss", loss=str(loss))

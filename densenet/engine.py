@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -47,7 +48,9 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 def configure_backends(cfg: Config, device: torch.device) -> None:
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # Exact on the CPU. On CUDA a few backward kernels (adaptive average pooling among them) have no
+        # deterministic version: warn about them rather than refuse to train.
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     elif device.type == "cuda":
@@ -129,6 +132,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.normalize = DeviceNormalize(mean, std, self.device, use_channels_last(cfg, self.device))
         self.ema = self._make_ema(model) if cfg.ema else None
+        self._ema_takes_step = self.ema is not None and "step" in inspect.signature(self.ema.update).parameters
 
         self.ddp: Optional[DistributedDataParallel] = None
         train_model: nn.Module = model
@@ -150,8 +154,12 @@ class Trainer:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def _make_ema(self, model: nn.Module) -> nn.Module:
-        from timm.utils import ModelEmaV3
+        try:
+            from timm.utils import ModelEmaV3
+        except ImportError:  # timm before 1.0
+            from timm.utils import ModelEmaV2
 
+            return ModelEmaV2(model, decay=self.cfg.ema_decay)
         return ModelEmaV3(model, decay=self.cfg.ema_decay)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -206,7 +214,10 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model, step=step + 1)
+            if self._ema_takes_step:
+                self.ema.update(self.model, step=step + 1)
+            else:
+                self.ema.update(self.model)
 
     def steps_per_epoch(self, loader: Any) -> int:
         return len(loader) // self.cfg.accum_steps
