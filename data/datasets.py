@@ -23,7 +23,7 @@ MAX_REPLACEMENTS = 16
 
 
 class Sample(NamedTuple):
-    pixels: np.ndarray  # HxWx3 uint8
+    pixels: np.ndarray  # 3xHxW uint8
     target: int
     unreadable: tuple[tuple[str, str], ...]  # (path, reason) of files replaced on the way
 

@@ -66,21 +66,25 @@ def apply_draft(image: Image.Image, factor: int) -> float:
     return width / box[2]
 
 
-def to_rgb_array(image: Image.Image, name: str) -> np.ndarray:
-    """Decode the pixels into an HxWx3 uint8 array (a fresh, writable copy)."""
+def to_rgb_array(image: Image.Image, name: str, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Decode the pixels (of ``box`` = (left, top, right, bottom) only, if given) into an HxWx3
+    uint8 array. Exporting just the crop saves most of the export copy for a typical random crop.
+    The array is read-only: numpy wraps the one copy pillow makes when exporting."""
     try:
         if image.mode != "RGB":
             # Alpha is dropped, as torchvision's and timm's loaders do (convert("RGB")).
             image = image.convert("RGB")
         else:
             image.load()
-        return np.array(image, dtype=np.uint8, copy=True)
+        if box is not None and box != (0, 0, *image.size):
+            image = image.crop(box)
+        return np.asarray(image)
     except Exception as err:  # truncated data, bad Huffman tables, decompression bombs, ...
         raise UnreadableImage(name, f"{type(err).__name__}: {err}") from err
 
 
 def decode_rgb(source: Source, name: str | None = None) -> np.ndarray:
-    """Full-resolution decode to an HxWx3 uint8 array."""
+    """Full-resolution decode to an HxWx3 uint8 array (read-only)."""
     name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
     with open_image(source, name) as image:
         return to_rgb_array(image, name)

@@ -1,4 +1,5 @@
-"""Per-sample pixel pipelines: file -> HxWx3 uint8 numpy array. Normalisation happens on the device.
+"""Per-sample pixel pipelines: file -> 3xHxW uint8 numpy array (the batch layout). Normalisation
+happens on the device.
 
 Layout changes and copies go through numpy: torch's strided uint8 copies are several times slower
 on one thread and far slower when intra-op threads compete for busy cores.
@@ -19,6 +20,7 @@ installed, its resampler is faster still and is used instead.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 from importlib import metadata
 from typing import Callable
@@ -93,27 +95,29 @@ def random_resized_crop_params(
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def resize_torch(pixels: np.ndarray, box: tuple[float, float, float, float], out_h: int, out_w: int,
-                 interpolation: str) -> np.ndarray:
-    """Crop ``box`` (left, top, right, bottom; rounded to whole pixels) out of an HxWx3 array and
-    resize it with torch's antialiased uint8 kernel; returns an out_h x out_w x 3 uint8 array."""
-    left, top, right, bottom = (int(round(v)) for v in box)
-    crop = pixels[top:bottom, left:right]
+def resize_torch(crop: np.ndarray, out_h: int, out_w: int, interpolation: str) -> np.ndarray:
+    """Resize an HxWx3 uint8 array with torch's antialiased uint8 kernel; returns 3 x out_h x out_w."""
     if crop.shape[:2] == (out_h, out_w):
-        return np.ascontiguousarray(crop)
-    # An HWC array seen as NCHW is channels-last, which takes torch's vectorised uint8 path; the
-    # result is channels-last too, so the permute back to HWC is free.
-    nchw = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
+        return np.ascontiguousarray(crop.transpose(2, 0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only input is fine: interpolate only reads it
+        nchw = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
+    # An HWC array seen as NCHW is channels-last, which takes torch's vectorised uint8 path; its
+    # output is plain NCHW, the batch layout, so no further copy is needed.
     out = F.interpolate(nchw, size=(out_h, out_w), mode=interpolation, antialias=True, align_corners=False)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    return out[0].numpy()
+
+
+def whole_pixels(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    return tuple(int(round(v)) for v in box)  # type: ignore[return-value]
 
 
 def resize_pil(image: Image.Image, box: tuple[float, float, float, float], out_h: int, out_w: int,
                interpolation: str, name: str) -> np.ndarray:
-    """Crop ``box`` (rounded to whole pixels) and resize it with pillow. Cropping first, as
-    torchvision's resized_crop does, keeps the filter inside the crop; pillow's ``resize(box=...)``
-    would reach outside it and round differently."""
-    left, top, right, bottom = (int(round(v)) for v in box)
+    """Crop ``box`` (rounded to whole pixels) and resize it with pillow; returns HxWx3 uint8 (read
+    only). Cropping first, as torchvision's resized_crop does, keeps the filter inside the crop;
+    pillow's ``resize(box=...)`` would reach outside it and round differently."""
+    left, top, right, bottom = whole_pixels(box)
     try:
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -121,9 +125,13 @@ def resize_pil(image: Image.Image, box: tuple[float, float, float, float], out_h
             image = image.crop((left, top, right, bottom))
         if image.size != (out_w, out_h):
             image = image.resize((out_w, out_h), INTERPOLATIONS[interpolation])
-        return np.array(image, dtype=np.uint8, copy=True)
+        return np.asarray(image)
     except Exception as err:  # decoding happens lazily inside crop/resize; see decode.to_rgb_array
         raise UnreadableImage(name, f"{type(err).__name__}: {err}") from err
+
+
+def to_chw(hwc: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 def build_augment(auto_augment: str | None, size: int, interpolation: str) -> Callable | None:
@@ -160,11 +168,11 @@ def build_augment(auto_augment: str | None, size: int, interpolation: str) -> Ca
         ) from err
 
 
-def random_erase_(hwc: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
+def random_erase_(chw: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
                   attempts: int = 10) -> None:
     """Erase one random rectangle in place (torchvision's RandomErasing region rule), filled with
     per-pixel noise that becomes N(0, 1) after the device's normalisation (timm's 'pixel' mode)."""
-    height, width, _ = hwc.shape
+    _, height, width = chw.shape
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for u_area, u_ratio, u_top, u_left in torch.rand(attempts, 4, generator=generator, dtype=torch.float64).tolist():
@@ -174,14 +182,14 @@ def random_erase_(hwc: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 
         w = int(round(math.sqrt(target / aspect)))
         if 0 < h < height and 0 < w < width:
             top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
-            noise = torch.randn(h, w, 3, generator=generator).numpy()
-            noise = noise * (np.array(IMAGENET_STD) * 255) + np.array(IMAGENET_MEAN) * 255
-            hwc[top:top + h, left:left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
+            noise = torch.randn(3, h, w, generator=generator).numpy()
+            noise = noise * (np.array(IMAGENET_STD)[:, None, None] * 255) + np.array(IMAGENET_MEAN)[:, None, None] * 255
+            chw[:, top:top + h, left:left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
             return
 
 
 class TrainTransform:
-    """File -> random crop, resized to ``size`` x ``size``, as an HxWx3 uint8 array. All randomness
+    """File -> random crop, resized to ``size`` x ``size``, as a 3xHxW uint8 array. All randomness
     comes from the generator passed in."""
 
     def __init__(self, size: int, *, scale: tuple[float, float] = (0.08, 1.0),
@@ -216,21 +224,23 @@ class TrainTransform:
             box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
             if self.backend == "pil":
                 out = resize_pil(image, box, self.size, self.size, self.interpolation, name)
+                out = to_chw(out[:, ::-1] if flip else out)
             else:
-                out = resize_torch(to_rgb_array(image, name), box, self.size, self.size, self.interpolation)
-        if flip:
-            out = np.ascontiguousarray(out[:, ::-1])
+                crop = to_rgb_array(image, name, whole_pixels(box))
+                out = resize_torch(crop, self.size, self.size, self.interpolation)
+                if flip:
+                    out = np.ascontiguousarray(out[:, :, ::-1])
         if self.augment is not None:
             with isolated_global_rng(draw_seed(generator)):
-                augmented = self.augment(Image.fromarray(out))
-            out = np.array(augmented.convert("RGB"), dtype=np.uint8, copy=True)
+                augmented = self.augment(Image.fromarray(np.ascontiguousarray(out.transpose(1, 2, 0))))
+            out = to_chw(np.asarray(augmented.convert("RGB")))
         if self.random_erasing and float(torch.rand(1, generator=generator)) < self.random_erasing:
             random_erase_(out, generator)
         return out
 
 
 class EvalTransform:
-    """File -> resize shorter side to ``resize_size``, center crop ``size``, HxWx3 uint8 array.
+    """File -> resize shorter side to ``resize_size``, center crop ``size``, 3xHxW uint8 array.
 
     Pillow resizes the whole image, exactly as torchvision's preset does: the result is bit-identical
     to it. (Resizing only the crop's source box, or using torch's kernel, is a little cheaper but
@@ -259,4 +269,4 @@ class EvalTransform:
             resized = resize_pil(image, (0, 0, width, height), new_h, new_w, self.interpolation, name)
         top = int(round((new_h - size) / 2.0))
         left = int(round((new_w - size) / 2.0))
-        return np.ascontiguousarray(resized[top:top + size, left:left + size])
+        return to_chw(resized[top:top + size, left:left + size])

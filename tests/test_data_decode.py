@@ -27,8 +27,8 @@ def test_greyscale_cmyk_and_png_named_jpeg_become_rgb(tmp_path):
     for path in (grey, cmyk, png):
         pixels = decode_rgb(path)
         assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
-        assert EvalTransform(32, 36)(str(path), "x").shape == (32, 32, 3)
-        assert TrainTransform(32)(str(path), "x", key_generator(0)).shape == (32, 32, 3)
+        assert EvalTransform(32, 36)(str(path), "x").shape == (3, 32, 32)
+        assert TrainTransform(32)(str(path), "x", key_generator(0)).shape == (3, 32, 32)
     grey_pixels = decode_rgb(grey)
     assert np.array_equal(grey_pixels[..., 0], grey_pixels[..., 2])
     # the CMYK file holds the same picture as its RGB source, up to JPEG loss

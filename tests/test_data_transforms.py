@@ -27,14 +27,15 @@ def test_eval_matches_torchvision_reference_preset_on_real_images(interpolation)
     for path in sample_files():
         expected = reference(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()
         got = ours(str(path), str(path))
-        assert got.dtype == np.uint8 and got.shape == (224, 224, 3)
+        assert got.dtype == np.uint8 and got.shape == (3, 224, 224) and got.flags.c_contiguous
+        got = got.transpose(1, 2, 0)
         diff = np.abs(got.astype(np.int16) - expected).max()
         assert diff <= 1, f"{path.name}: differs by {diff}/255"
 
 
 def test_eval_size_is_configurable():
     path = sample_files()[5]
-    got = EvalTransform(160, 182)(str(path), str(path))
+    got = EvalTransform(160, 182)(str(path), str(path)).transpose(1, 2, 0)
     expected = reference_eval("bilinear", 182, 160)(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()
     assert np.abs(got.astype(np.int16) - expected).max() <= 1
     with pytest.raises(ValueError, match="smaller than the crop"):
@@ -71,7 +72,7 @@ def test_train_pixels_are_a_pure_function_of_the_generator():
     a = transform(path, path, key_generator(2, 0, 1, 5))
     b = transform(path, path, key_generator(2, 0, 1, 5))
     c = transform(path, path, key_generator(2, 0, 1, 6))
-    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert a.shape == (3, 64, 64) and a.dtype == np.uint8 and a.flags.c_contiguous
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -86,9 +87,17 @@ def test_train_crop_matches_torchvision_resized_crop(backend):
     transform = TrainTransform(224, hflip=0.0, backend=backend, draft=False)
     for key in range(5):
         (top, left, h, w), _ = transform.crop(*image.size, key_generator(9, key))
-        got = transform(str(path), str(path), key_generator(9, key))
+        got = transform(str(path), str(path), key_generator(9, key)).transpose(1, 2, 0)
         expected = np.asarray(TF.resized_crop(image, top, left, h, w, [224, 224], antialias=True))
         assert np.abs(got.astype(np.int16) - expected).max() <= 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "pil"])
+def test_flip_mirrors_the_same_crop(backend):
+    path = str(sample_files()[13])
+    plain = TrainTransform(48, hflip=0.0, backend=backend)(path, path, key_generator(8))
+    flipped = TrainTransform(48, hflip=1.0, backend=backend)(path, path, key_generator(8))
+    assert np.array_equal(flipped, plain[:, :, ::-1]) and flipped.flags.c_contiguous
 
 
 def test_draft_decodes_large_crops_at_reduced_scale_with_little_change(tmp_path):
@@ -130,7 +139,7 @@ def test_random_erasing_fills_a_rectangle_with_noise():
     erased = TrainTransform(64, hflip=0.0, random_erasing=1.0)
     a = plain(path, path, key_generator(5))
     b = erased(path, path, key_generator(5))
-    changed = (a != b).any(axis=2)
+    changed = (a != b).any(axis=0)
     rows, cols = changed.nonzero()
     assert changed.sum() > 0
     box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]

@@ -1,0 +1,30 @@
+"""The benchmark CLI runs end to end on real photos and reports its three pipelines. (No speed is
+asserted here: figures depend on the machine; they belong in the benchmark's output.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from _data_util import SAMPLE_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_reports_ours_torchvision_and_the_decode_floor(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "data.bench", "--root", str(SAMPLE_DIR), "--limit", "12",
+                          "--rounds", "1", "--image-size", "64", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for name in ("ours", "torchvision", "floor"):
+        assert name in run.stdout
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 12 and set(figures["images_per_cpu_second"]) == {"ours", "torchvision", "floor"}
+    assert all(rate > 0 for rate in figures["images_per_cpu_second"].values())
+
+
+def test_bench_refuses_a_folder_without_images(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "data.bench", "--root", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no *.JPEG/*.jpg/*.png files" in run.stderr
