@@ -29,8 +29,8 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loade
 from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress, capture_rng_state,
                                  find_latest_valid, load_checkpoint, restore_rng_state)
 from densenet.config import Config, ConfigError, config_changes, config_to_dict, parse_config, save_config
-from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, gather_objects, init_distributed,
-                                  shutdown)
+from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, default_workers, gather_objects,
+                                  init_distributed, shutdown)
 from densenet.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate, prepare_model,
                              resolve_amp, seed_all, use_channels_last)
 from densenet.metrics_log import RunLog
@@ -57,11 +57,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutdown(info)
 
 
+def workers_for(cfg: Config, info: DistInfo) -> int:
+    return cfg.workers if cfg.workers is not None else default_workers(info)
+
+
 def eval_loader_for(cfg: Config, root: Path, info: DistInfo) -> Any:
     resize = cfg.eval_resize or round(cfg.image_size / 0.875)  # 224 -> 256, the usual centre crop ratio
     return build_eval_loader(root, image_size=cfg.image_size, resize_size=resize,
-                             batch_size=cfg.eval_batch_size or cfg.batch_size, workers=cfg.workers, rank=info.rank,
-                             world_size=info.world_size, pin_memory=info.device.type == "cuda")
+                             batch_size=cfg.eval_batch_size or cfg.batch_size, workers=workers_for(cfg, info),
+                             rank=info.rank, world_size=info.world_size, pin_memory=info.device.type == "cuda")
 
 
 def evaluate_weights(cfg: Config, info: DistInfo) -> int:
@@ -96,7 +100,8 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
 
     # --- data
     root = resolve_data_root(cfg.data)
-    train_loader = build_train_loader(root, image_size=cfg.image_size, batch_size=cfg.batch_size, workers=cfg.workers,
+    train_loader = build_train_loader(root, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                                      workers=workers_for(cfg, info),
                                       rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                                       auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
                                       pin_memory=info.device.type == "cuda")
@@ -185,9 +190,9 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
         signum = int(all_reduce(torch.tensor([float(stop.signum or 0)], device=info.device), info, op="max").item())
         if signum:
             return exit_interrupted(signum, stop, log, wandb, progress)
+    wandb.finish(EXIT_OK)  # before the last line, so that wandb's closing notes do not bury it
     log.print(f"finished: best val top1 {progress.best_top1:.2f} at epoch {progress.best_epoch}; "
               f"run folder {run_dir}")
-    wandb.finish(EXIT_OK)
     log.close()
     return EXIT_OK
 
@@ -207,7 +212,8 @@ def describe_run(cfg: Config, info: DistInfo, log: RunLog, model: torch.nn.Modul
     log.print(f"{cfg.arch} ({n_params:.2f}M parameters, {derived['num_classes']} classes) on {info.world_size} x "
               f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); "
               f"run folder {cfg.run_dir()}; restart count {restart_count}")
-    log.print(f"batch {cfg.batch_size} per process x {info.world_size} processes x {cfg.accum_steps} accumulated = "
+    processes = f"{info.world_size} process" + ("es" if info.world_size > 1 else "")
+    log.print(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
               f"{derived['global_batch_size']} global; peak lr {derived['peak_lr']:.4g}; "
               f"amp {trainer.amp_dtype or 'off'}; channels_last {use_channels_last(cfg, info.device)}; "
               f"{train_loader.num_samples} train / {val_loader.num_samples} val images; "

@@ -74,7 +74,8 @@ class Config:
     image_size: int = _opt(224, "training crop and evaluation centre crop size")
     eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: size / 0.875)")
     eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
-    workers: int = _opt(4, "data loader worker processes per training process")
+    workers: Optional[int] = _opt(None, "data loader workers per training process (default: its share of the "
+                                  "CPUs, at most 8)")
     auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5")
     random_erasing: float = _opt(0.0, "random erasing probability")
 
@@ -244,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in _FIELDS.items():
         tp = _TYPES[name]
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {_default_text(f)})"
+        help_text = f.metadata["help"]
+        if "default" not in help_text:
+            help_text += f" (default: {_default_text(f)})"
         choices = f.metadata["choices"]
         optional = typing.get_origin(tp) is typing.Union
         base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
@@ -308,7 +311,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive (or null), got {value}")
-    for name in ["workers", "ckpt_every", "keep_epochs", "weight_decay", "warmup_epochs", "min_lr",
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"workers must not be negative, got {cfg.workers}")
+    for name in ["ckpt_every", "keep_epochs", "weight_decay", "warmup_epochs", "min_lr",
                  "mixup", "cutmix", "momentum", "seed"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")

@@ -28,6 +28,7 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     launcher: str  # "torchrun", "slurm" or "single"
+    local_world_size: int = 1
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
 
@@ -40,6 +41,7 @@ class DistInfo:
     device: torch.device
     backend: Optional[str]  # None for a single process without a process group
     launcher: str
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +72,7 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                          local_rank=int(env.get("LOCAL_RANK", "0")), launcher="torchrun",
+                         local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
                          master_addr=env.get("MASTER_ADDR"),
                          master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
     # SLURM_STEP_NUM_TASKS is set by srun for a step but not in the batch script itself, whose
@@ -79,8 +82,11 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     if "SLURM_PROCID" in env and step_tasks > 1:
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        # SLURM_STEP_TASKS_PER_NODE looks like "8(x4)" or "8,7"; the first count is this node's or close to it
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", "1"))
         return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=step_tasks,
                          local_rank=int(env.get("SLURM_LOCALID", "0")), launcher="slurm",
+                         local_world_size=int(per_node.group(0)) if per_node else 1,
                          master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
                          master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)))
     return LaunchEnv(rank=0, world_size=1, local_rank=0, launcher="single")
@@ -104,7 +110,7 @@ def init_distributed(device_type: str = "auto", deterministic: bool = False) -> 
     else:
         device = torch.device("cpu")
     if launch.world_size == 1:
-        return DistInfo(0, 1, 0, device, None, launch.launcher)
+        return DistInfo(0, 1, 0, device, None, launch.launcher, 1)
     if launch.launcher == "slurm":
         os.environ["MASTER_ADDR"] = str(launch.master_addr)
         os.environ["MASTER_PORT"] = str(launch.master_port)
@@ -114,7 +120,17 @@ def init_distributed(device_type: str = "auto", deterministic: bool = False) -> 
     if use_cuda:
         kwargs["device_id"] = device  # binds NCCL to the device eagerly and avoids a guessed-device barrier
     dist.init_process_group(**kwargs)
-    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, backend, launch.launcher)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, backend, launch.launcher,
+                    launch.local_world_size)
+
+
+def default_workers(info: DistInfo) -> int:
+    """Data-loader workers per process: this node's CPUs shared among its processes, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(info.local_world_size, 1)))
 
 
 def shutdown(info: DistInfo) -> None:

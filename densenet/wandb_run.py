@@ -123,6 +123,14 @@ class WandbRun:
         self._run = None
 
 
+def _quiet_settings(wandb: Any) -> Any:
+    """Fewer banner lines from wandb itself: the trainer prints the run's id, mode and folder."""
+    try:
+        return wandb.Settings(quiet=True)
+    except Exception:  # a wandb without this setting
+        return None
+
+
 def start_wandb(*, mode: str, project: str, entity: Optional[str], name: Optional[str], tags: list,
                 config: Dict[str, Any], run_dir: Path, run_id: Optional[str], is_main: bool,
                 report: Callable[[str], None]) -> WandbRun:
@@ -141,10 +149,10 @@ def start_wandb(*, mode: str, project: str, entity: Optional[str], name: Optiona
         return WandbRun(None, run_id, report)
     try:
         run = wandb.init(project=project, entity=entity, name=name or run_dir.resolve().name, tags=tags or None,
-                         id=run_id, resume="allow", dir=str(run_dir), mode=resolved)
+                         id=run_id, resume="allow", dir=str(run_dir), mode=resolved, settings=_quiet_settings(wandb))
         run.config.update(config, allow_val_change=True)
     except Exception as e:
         report(f"warning: wandb.init failed ({type(e).__name__}: {e}); training continues without W&B")
         return WandbRun(None, run_id, report)
-    report(f"W&B: {resolved} run {run_id} in {run.dir} ({reason})")
+    report(f"W&B: {resolved} run {run_id} in {Path(run.dir).parent} ({reason})")
     return WandbRun(run, run_id, report)

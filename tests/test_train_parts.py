@@ -17,12 +17,14 @@ from densenet.wandb_run import WandbRun, resolve_mode, start_wandb
 
 
 def test_launch_env_torchrun_slurm_and_single():
-    tr = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
-                          "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})
-    assert (tr.launcher, tr.rank, tr.world_size, tr.local_rank) == ("torchrun", 3, 8, 1)  # torchrun inside srun
+    tr = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                          "MASTER_ADDR": "h", "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})
+    assert (tr.launcher, tr.rank, tr.world_size, tr.local_rank, tr.local_world_size) == ("torchrun", 3, 8, 1, 4)
     slurm = read_launch_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-                             "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[003-004]", "PATH": ""})
-    assert (slurm.launcher, slurm.rank, slurm.world_size, slurm.local_rank) == ("slurm", 5, 8, 1)
+                             "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "1234",
+                             "SLURM_STEP_NODELIST": "gpu[003-004]", "PATH": ""})
+    assert (slurm.launcher, slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size) == \
+        ("slurm", 5, 8, 1, 4)
     assert slurm.master_addr == "gpu003" and slurm.master_port == 20000 + 1234
     # the batch script itself: the allocation has 8 tasks, but this lone process is not one of 8
     batch = read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"})
