@@ -134,6 +134,8 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
         progress = resume_progress(ckpt, cfg, info, log)
         for change in config_changes(ckpt["config"], cfg):
             log.print(f"config changed since the checkpoint: {change}")
+        if cfg.weights:
+            log.print(f"note: resuming, so --weights {cfg.weights} is not used (pass --no-resume to start from it)")
         log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="resumed",
                    from_step=progress.global_step, restart_count=restart_count, checkpoint=ckpt["_path"])
     else:

@@ -337,7 +337,8 @@ def validate(cfg: Config) -> None:
     if cfg.evaluate and not cfg.weights:
         raise ConfigError("evaluate: --evaluate needs --weights FILE (a checkpoint of ours or a torchvision file)")
     if cfg.device == "cpu" and cfg.amp == "fp16":
-        raise ConfigError("amp: fp16 needs CUDA (it relies on a CUDA GradScaler); use --amp bf16 or --amp off on the CPU")
+        raise ConfigError("amp: fp16 needs CUDA (it relies on a CUDA GradScaler); "
+                          "use --amp bf16 or --amp off on the CPU")
     if cfg.device == "cpu" and cfg.sync_bn:
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Progress
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import DistInfo, all_reduce
 from .metrics_log import RunLog, StepTimer, format_duration, max_memory_gib
 from .optim import LRSchedule, set_lr
@@ -42,7 +42,7 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp: fp16 needs CUDA; use --amp bf16 or --amp off on the CPU")
+        raise ConfigError("amp: fp16 needs CUDA; use --amp bf16 or --amp off on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
@@ -66,7 +66,7 @@ def prepare_model(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
     """Device, memory format and SyncBatchNorm; done before the optimizer and EMA see the model."""
     if cfg.sync_bn:
         if info.device.type != "cuda":
-            raise ValueError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
+            raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(info.device)
     if use_channels_last(cfg, info.device):
@@ -245,7 +245,11 @@ class Trainer:
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro in range(accum):
                 t0 = time.perf_counter()
-                images, targets, bad_mask = next(batches)
+                try:
+                    images, targets, bad_mask = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the training loader ended after batch {step_in_epoch * accum + micro} of "
+                                       f"epoch {progress.epoch + 1}, but its len() promised {len(loader)}") from None
                 timer.add_data(time.perf_counter() - t0, images.shape[0])
                 bad += int(bad_mask.sum())
                 step_loss += self._forward_backward(images, targets, sync=micro == accum - 1).double()
