@@ -8,6 +8,7 @@ replaced by another sample). Layout problems are raised here, before any worker 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -185,6 +186,7 @@ def build_eval_loader(
     *,
     image_size: int = 224,
     resize_size: int | None = 256,
+    crop_fraction: float | None = None,
     batch_size: int,
     workers: int,
     rank: int = 0,
@@ -195,11 +197,16 @@ def build_eval_loader(
     multiprocessing_context=None,
     split: str = "val",
 ) -> EvalLoader:
-    """The evaluation loader: resize ``resize_size`` (None: image_size / 0.875), center crop
-    ``image_size``; every image of ``ROOT/<split>`` (or of its shards) once over all ranks."""
+    """The evaluation loader: resize the shorter side to ``resize_size``, center crop ``image_size``;
+    every image of ``ROOT/<split>`` (or of its shards) once over all ranks. ``crop_fraction`` (e.g.
+    0.875, or timm's ``crop_pct``) sets ``resize_size = floor(image_size / crop_fraction)`` instead."""
     _check_workers(workers, batch_size)
-    if resize_size is None:
-        resize_size = int(round(image_size / 0.875))
+    if crop_fraction is not None:
+        if not 0 < crop_fraction <= 1:
+            raise ValueError(f"crop_fraction {crop_fraction} must be in (0, 1]")
+        resize_size = math.floor(image_size / crop_fraction)
+    elif resize_size is None:
+        resize_size = math.floor(image_size / 0.875)
     transform = EvalTransform(image_size, resize_size, interpolation=interpolation)
     loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0,
                           rank=rank, multiprocessing_context=multiprocessing_context)

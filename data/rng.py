@@ -7,7 +7,9 @@ pixels whatever the number of workers, the rank layout or the batch a run resume
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -20,17 +22,14 @@ PERMUTATION, SAMPLE, WORKERS, SHARD_ORDER, SHARD_STREAM, SHARD_SAMPLE = range(1,
 
 
 def key_seed(*key: int) -> int:
-    """A well-mixed 64-bit seed from non-negative integers below 2**64 (numpy's SeedSequence).
-
-    Each integer is spread over exactly two 32-bit words and the key length leads, because
-    SeedSequence alone treats [a, b] and [a, b, 0] (or one large int and two small ones) alike."""
-    words = [len(key)]
-    for k in key:
-        k = int(k)
-        if not 0 <= k < 2**64:
-            raise ValueError(f"random key {key} must hold integers in [0, 2**64)")
-        words += [k & 0xFFFFFFFF, k >> 32]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+    """A well-mixed 64-bit seed from non-negative integers below 2**64: BLAKE2b of the key packed
+    as fixed-width words (with its length, so that (a, b) and (a, b, 0) differ). A cryptographic
+    hash is overkill for mixing but costs about a microsecond, a twentieth of numpy's SeedSequence."""
+    try:
+        packed = struct.pack(f"<Q{len(key)}Q", len(key), *key)
+    except struct.error as err:
+        raise ValueError(f"random key {key} must hold integers in [0, 2**64)") from err
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
 
 
 def key_generator(*key: int) -> torch.Generator:

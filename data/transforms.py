@@ -95,17 +95,18 @@ def random_resized_crop_params(
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def resize_torch(crop: np.ndarray, out_h: int, out_w: int, interpolation: str) -> np.ndarray:
-    """Resize an HxWx3 uint8 array with torch's antialiased uint8 kernel; returns 3 x out_h x out_w."""
+def resize_torch(crop: np.ndarray, out_h: int, out_w: int, interpolation: str, flip: bool = False) -> np.ndarray:
+    """Resize an HxWx3 uint8 array with torch's antialiased uint8 kernel, mirrored if ``flip``;
+    returns 3 x out_h x out_w."""
     if crop.shape[:2] == (out_h, out_w):
-        return np.ascontiguousarray(crop.transpose(2, 0, 1))
+        return np.ascontiguousarray(crop[:, ::-1].transpose(2, 0, 1) if flip else crop.transpose(2, 0, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only input is fine: interpolate only reads it
         nchw = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
     # An HWC array seen as NCHW is channels-last, which takes torch's vectorised uint8 path; its
     # output is plain NCHW, the batch layout, so no further copy is needed.
-    out = F.interpolate(nchw, size=(out_h, out_w), mode=interpolation, antialias=True, align_corners=False)
-    return out[0].numpy()
+    out = F.interpolate(nchw, size=(out_h, out_w), mode=interpolation, antialias=True, align_corners=False)[0]
+    return (out.flip(-1) if flip else out).numpy()
 
 
 def whole_pixels(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
@@ -227,9 +228,7 @@ class TrainTransform:
                 out = to_chw(out[:, ::-1] if flip else out)
             else:
                 crop = to_rgb_array(image, name, whole_pixels(box))
-                out = resize_torch(crop, self.size, self.size, self.interpolation)
-                if flip:
-                    out = np.ascontiguousarray(out[:, :, ::-1])
+                out = resize_torch(crop, self.size, self.size, self.interpolation, flip)
         if self.augment is not None:
             with isolated_global_rng(draw_seed(generator)):
                 augmented = self.augment(Image.fromarray(np.ascontiguousarray(out.transpose(1, 2, 0))))

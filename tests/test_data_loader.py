@@ -120,6 +120,14 @@ def test_eval_ranges_tile_the_dataset():
             assert [i for r in ranges for i in r] == list(range(n))
 
 
+def test_crop_fraction_sets_the_resize(demo_root):
+    a = build_eval_loader(demo_root, image_size=32, crop_fraction=0.875, batch_size=8, workers=0)
+    b = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=8, workers=0)
+    assert torch.equal(next(iter(a))[0], next(iter(b))[0])  # floor(32 / 0.875) = 36
+    with pytest.raises(ValueError, match="crop_fraction"):
+        build_eval_loader(demo_root, image_size=32, crop_fraction=1.5, batch_size=8, workers=0)
+
+
 def test_pin_memory_request_is_harmless_without_cuda(demo_root):
     loader = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=8, workers=0, pin_memory=True)
     images, _, _ = next(iter(loader))

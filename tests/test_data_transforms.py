@@ -144,3 +144,13 @@ def test_random_erasing_fills_a_rectangle_with_noise():
     assert changed.sum() > 0
     box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     assert box.mean() > 0.9  # one solid rectangle, not scattered pixels
+
+
+def test_random_keys_do_not_collide_and_reject_bad_values():
+    from data.rng import key_seed
+
+    seeds = {key_seed(1, 2), key_seed(1, 2, 0), key_seed(1, 2, 0, 0), key_seed(2, 1), key_seed(1, 2**32 + 2)}
+    assert len(seeds) == 5
+    assert key_seed(3, 4) == key_seed(3, 4)
+    with pytest.raises(ValueError, match="must hold integers"):
+        key_seed(-1)
