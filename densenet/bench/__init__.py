@@ -1,0 +1,9 @@
+"""Benchmarks: this project against torchvision and timm, side by side in one run.
+
+    python -m densenet.bench step ...   # model training step: images/s and peak memory
+    python -m densenet.bench --help     # every benchmark and its options
+
+Each benchmark prints a table with ratios to a reference row and the spread over repeats, and can
+write the rows as JSON (`--json FILE`) so results can be compared across commits.
+Benchmarks are not part of the test run; docs/benchmarks.md holds the current figures.
+"""
