@@ -7,9 +7,17 @@ from functools import lru_cache
 from importlib import resources
 
 
+TABLE = "imagenet_classes.tsv"
+
+
 @lru_cache(maxsize=1)
 def _table() -> tuple[tuple[str, ...], dict[str, str]]:
-    text = resources.files(__package__).joinpath("imagenet_classes.tsv").read_text()
+    try:
+        text = resources.files(__package__).joinpath(TABLE).read_text()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"the class table {TABLE} is missing from the installed 'data' package; it must be "
+            "listed as package data (or regenerate it with `python -m data.make_class_table`)") from err
     pairs = [line.split("\t") for line in text.splitlines() if line]
     wnids = tuple(wnid for wnid, _ in pairs)
     return wnids, dict(pairs)
