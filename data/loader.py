@@ -103,8 +103,9 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """Batches of one epoch on this rank. ``set_epoch(epoch, start_batch)`` before each pass; the
-    batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is."""
+    """Batches of one epoch on this rank. ``set_epoch(epoch, start_batch)`` before each pass. From
+    folders the batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is;
+    from shards also of the worker count and world size (see data/shard_stream.py)."""
 
     def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
                  batch_size: int):

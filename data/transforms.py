@@ -1,9 +1,6 @@
 """Per-sample pixel pipelines: file -> 3xHxW uint8 numpy array (the batch layout). Normalisation
 happens on the device.
 
-Layout changes and copies go through numpy: torch's strided uint8 copies are several times slower
-on one thread and far slower when intra-op threads compete for busy cores.
-
 Train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, as in the paper and torchvision), horizontal
 flip, optional RandAugment / TrivialAugment / AutoAugment / AugMix (torchvision or timm policies) and
 random erasing. The crop is chosen from the JPEG header before any pixel is decoded, so libjpeg can
@@ -15,6 +12,9 @@ torchvision's reference eval preset (Resize(256, bilinear, antialias) + CenterCr
 Train resizing: pillow's resampler without SIMD is several times slower than torch's antialiased
 uint8 kernel (which rounds within 2/255 of pillow), so that is the default; with pillow-simd
 installed, its resampler is faster still and is used instead.
+
+Layout changes and copies go through numpy: torch's strided uint8 copies are several times slower
+on one thread and far slower when intra-op threads compete for busy cores.
 """
 
 from __future__ import annotations
