@@ -23,12 +23,12 @@ import math
 import warnings
 from functools import lru_cache
 from importlib import metadata
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .decode import Source, UnreadableImage, apply_draft, draft_factor, open_image, to_rgb_array
 from .rng import draw_seed, isolated_global_rng
@@ -158,22 +158,61 @@ def build_augment(auto_augment: str | None, size: int, interpolation: str) -> Ca
                    interpolation=INTERPOLATIONS[interpolation])
     try:
         if auto_augment.startswith("rand"):
-            return timm_aa.rand_augment_transform(auto_augment, hparams)
-        if auto_augment.startswith("augmix"):
-            return timm_aa.augment_and_mix_transform(auto_augment, hparams)
-        return timm_aa.auto_augment_transform(auto_augment, hparams)
+            policy = timm_aa.rand_augment_transform(auto_augment, hparams)
+        elif auto_augment.startswith("augmix"):
+            policy = timm_aa.augment_and_mix_transform(auto_augment, hparams)
+        else:
+            policy = timm_aa.auto_augment_transform(auto_augment, hparams)
     except Exception as err:
         raise ValueError(
             f"auto_augment {auto_augment!r} is neither a torchvision policy (ra, ta_wide, augmix, "
             f"imagenet) nor a timm config string (rand-m9-mstd0.5, augmix-m5-w4-d2, original): {err}"
         ) from err
+    replace_posterize(policy, timm_aa.posterize)
+    return policy
 
 
-def random_erase_(chw: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
-                  attempts: int = 10) -> None:
-    """Erase one random rectangle in place (torchvision's RandomErasing region rule), filled with
-    per-pixel noise that becomes N(0, 1) after the device's normalisation (timm's 'pixel' mode)."""
-    _, height, width = chw.shape
+def posterize_any_bits(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize for every bit count its policies produce. The ``inc1`` policies (and ``mmax``
+    above 10) ask to keep 0 or fewer bits at the top magnitudes, which current Pillow refuses with a
+    ValueError (killing the worker). Older Pillow masked every bit away and returned a black image;
+    doing the same keeps the results those recipes were tuned with."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def replace_posterize(policy, timm_posterize: Callable) -> None:
+    """Point every posterize op of a timm policy (RandAugment and AugMix keep ``ops``, AutoAugment
+    keeps ``policy``, a list of sub-policies) at ``posterize_any_bits``."""
+    ops = list(getattr(policy, "ops", []))
+    for sub_policy in getattr(policy, "policy", []):
+        ops.extend(sub_policy)
+    for op in ops:
+        if getattr(op, "aug_fn", None) is timm_posterize:
+            op.aug_fn = posterize_any_bits
+
+
+class Erasure(NamedTuple):
+    """A rectangle of an output image and the uint8 noise that replaces it."""
+    top: int
+    left: int
+    noise: np.ndarray  # 3 x h x w uint8
+
+    def paste(self, chw) -> None:
+        """Write the noise into a 3xHxW numpy array or tensor, in place."""
+        _, h, w = self.noise.shape
+        chw[:, self.top:self.top + h, self.left:self.left + w] = (
+            self.noise if isinstance(chw, np.ndarray) else torch.from_numpy(self.noise))
+
+
+def draw_erasure(height: int, width: int, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
+                 attempts: int = 10) -> Erasure | None:
+    """One random rectangle by torchvision's RandomErasing region rule, filled with per-pixel noise
+    that becomes N(0, 1) after the device's normalisation (timm's 'pixel' mode); None when no try
+    fits. It needs only the output size, so the device-decode workers draw it without pixels."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for u_area, u_ratio, u_top, u_left in torch.rand(attempts, 4, generator=generator, dtype=torch.float64).tolist():
@@ -185,8 +224,8 @@ def random_erase_(chw: np.ndarray, generator: torch.Generator, scale=(0.02, 1 / 
             top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
             noise = torch.randn(3, h, w, generator=generator).numpy()
             noise = noise * (np.array(IMAGENET_STD)[:, None, None] * 255) + np.array(IMAGENET_MEAN)[:, None, None] * 255
-            chw[:, top:top + h, left:left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
-            return
+            return Erasure(top, left, np.clip(np.rint(noise), 0, 255).astype(np.uint8))
+    return None
 
 
 class TrainTransform:
@@ -212,29 +251,42 @@ class TrainTransform:
         self.draft = draft
 
     def crop(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
-        """Crop box and flip for an image of this size: all a decoder needs to know."""
+        """Crop box (top, left, height, width) and flip for an image of this size: all a decoder
+        needs to know."""
         box = random_resized_crop_params(width, height, generator, self.scale, self.ratio)
         flip = float(torch.rand(1, generator=generator)) < self.hflip
         return box, flip
 
+    def erasure(self, generator: torch.Generator) -> Erasure | None:
+        """The random-erasing draw that follows the crop (and the augmentation policy, if any)."""
+        if self.random_erasing and float(torch.rand(1, generator=generator)) < self.random_erasing:
+            return draw_erasure(self.size, self.size, generator)
+        return None
+
+    def resized_crop(self, image: Image.Image, crop: tuple[int, int, int, int], flip: bool, name: str) -> np.ndarray:
+        """Decode ``crop`` = (top, left, height, width) of an opened image, resized to the output
+        size and mirrored if ``flip``: 3 x size x size uint8."""
+        top, left, crop_h, crop_w = crop
+        factor = draft_factor(crop_w, crop_h, self.size, self.size) if self.draft else 1
+        scale = apply_draft(image, factor)
+        box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
+        if self.backend == "pil":
+            out = resize_pil(image, box, self.size, self.size, self.interpolation, name)
+            return to_chw(out[:, ::-1] if flip else out)
+        pixels = to_rgb_array(image, name, whole_pixels(box))
+        return resize_torch(pixels, self.size, self.size, self.interpolation, flip)
+
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray:
         with open_image(source, name) as image:
-            (top, left, crop_h, crop_w), flip = self.crop(*image.size, generator)
-            factor = draft_factor(crop_w, crop_h, self.size, self.size) if self.draft else 1
-            scale = apply_draft(image, factor)
-            box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
-            if self.backend == "pil":
-                out = resize_pil(image, box, self.size, self.size, self.interpolation, name)
-                out = to_chw(out[:, ::-1] if flip else out)
-            else:
-                crop = to_rgb_array(image, name, whole_pixels(box))
-                out = resize_torch(crop, self.size, self.size, self.interpolation, flip)
+            crop, flip = self.crop(*image.size, generator)
+            out = self.resized_crop(image, crop, flip, name)
         if self.augment is not None:
             with isolated_global_rng(draw_seed(generator)):
                 augmented = self.augment(Image.fromarray(np.ascontiguousarray(out.transpose(1, 2, 0))))
             out = to_chw(np.asarray(augmented.convert("RGB")))
-        if self.random_erasing and float(torch.rand(1, generator=generator)) < self.random_erasing:
-            random_erase_(out, generator)
+        erasure = self.erasure(generator)
+        if erasure is not None:
+            erasure.paste(out)
         return out
 
 

@@ -154,3 +154,36 @@ def test_random_keys_do_not_collide_and_reject_bad_values():
     assert key_seed(3, 4) == key_seed(3, 4)
     with pytest.raises(ValueError, match="must hold integers"):
         key_seed(-1)
+
+
+def test_timm_increasing_posterize_to_zero_bits_does_not_kill_a_worker():
+    """The ``inc1`` policies posterize to 0 bits at magnitude 10, which current Pillow refuses. With
+    magnitude 10 and 8 ops an image, about one image in four asks for it."""
+    files = [str(p) for p in sample_files()[:20]]
+    transform = TrainTransform(48, auto_augment="rand-m10-n8-mstd0-inc1")
+    for key, path in enumerate(files):
+        out = transform(path, path, key_generator(4, key))
+        assert out.shape == (3, 48, 48) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
+def test_every_timm_posterize_op_is_replaced(policy):
+    import timm.data.auto_augment as timm_aa
+    from data.transforms import posterize_any_bits
+
+    augment = TrainTransform(48, auto_augment=policy).augment
+    ops = list(getattr(augment, "ops", [])) + [op for sub in getattr(augment, "policy", []) for op in sub]
+    names = {op.name for op in ops if op.aug_fn is posterize_any_bits}
+    assert names and all(op.aug_fn is not timm_aa.posterize for op in ops)
+
+
+def test_posterize_any_bits_on_a_real_photo():
+    from PIL import ImageOps
+    from data.transforms import posterize_any_bits
+
+    image = Image.open(sample_files()[0]).convert("RGB")
+    for bits in (-1, 0):
+        assert not np.asarray(posterize_any_bits(image, bits)).any()  # every bit dropped: black
+    for bits in range(1, 8):
+        assert np.array_equal(np.asarray(posterize_any_bits(image, bits)), np.asarray(ImageOps.posterize(image, bits)))
+    assert posterize_any_bits(image, 8) is image
