@@ -34,7 +34,7 @@ from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_objec
 from densenet.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate, prepare_model,
                              resolve_amp, seed_all, use_channels_last)
 from densenet.metrics_log import RunLog
-from densenet.optim import LRSchedule, build_optimizer, peak_lr
+from densenet.optim import LRSchedule, build_optimizer, kernels_in_use, peak_lr
 from densenet.signals import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, StopRequest
 from densenet.wandb_run import start_wandb
 
@@ -61,11 +61,15 @@ def workers_for(cfg: Config, info: DistInfo) -> int:
     return cfg.workers if cfg.workers is not None else default_workers(info)
 
 
+def pin_memory(cfg: Config, info: DistInfo) -> bool:
+    return cfg.pin_memory and info.device.type == "cuda"
+
+
 def eval_loader_for(cfg: Config, root: Path, info: DistInfo) -> Any:
     resize = cfg.eval_resize or round(cfg.image_size / 0.875)  # 224 -> 256, the usual centre crop ratio
     return build_eval_loader(root, image_size=cfg.image_size, resize_size=resize,
                              batch_size=cfg.eval_batch_size or cfg.batch_size, workers=workers_for(cfg, info),
-                             rank=info.rank, world_size=info.world_size, pin_memory=info.device.type == "cuda")
+                             rank=info.rank, world_size=info.world_size, pin_memory=pin_memory(cfg, info))
 
 
 def evaluate_weights(cfg: Config, info: DistInfo) -> int:
@@ -104,7 +108,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
                                       workers=workers_for(cfg, info),
                                       rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                                       auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
-                                      pin_memory=info.device.type == "cuda")
+                                      pin_memory=pin_memory(cfg, info))
     val_loader = eval_loader_for(cfg, root, info)
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     num_classes = cfg.num_classes or train_loader.num_classes
@@ -218,6 +222,8 @@ def describe_run(cfg: Config, info: DistInfo, log: RunLog, model: torch.nn.Modul
     log.print(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
               f"{derived['global_batch_size']} global; peak lr {derived['peak_lr']:.4g}; "
               f"amp {trainer.amp_dtype or 'off'}; channels_last {use_channels_last(cfg, info.device)}; "
+              f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
+              f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "
               f"{train_loader.num_samples} train / {val_loader.num_samples} val images; "
               f"{derived['steps_per_epoch']} steps per epoch")
 

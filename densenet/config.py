@@ -84,7 +84,14 @@ class Config:
     amp: str = _opt("auto", "mixed precision: auto = bf16 where the GPU supports it, off on the CPU",
                     ("auto", "bf16", "fp16", "off"))
     channels_last: Optional[bool] = _opt(None, "channels-last memory format (default: on for CUDA)")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the training model once (static shapes; evaluation runs eagerly)")
+    compile_backend: str = _opt("inductor", "torch.compile backend (e.g. inductor, aot_eager, cudagraphs)")
+    cudnn_benchmark: bool = _opt(True, "let cuDNN time its convolution algorithms for our fixed shapes (CUDA; "
+                                 "off under --deterministic)")
+    tf32: bool = _opt(True, "TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later)")
+    pin_memory: bool = _opt(True, "page-locked loader batches, copied to the GPU without blocking (CUDA)")
+    optimizer_impl: str = _opt("auto", "optimizer kernels: auto = fused on CUDA, PyTorch's choice elsewhere",
+                               ("auto", "fused", "foreach", "loop"))
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across processes (CUDA)")
     deterministic: bool = _opt(False, "deterministic algorithms: a resumed run matches an uninterrupted one bitwise")
     seed: int = _opt(0, "random seed")
@@ -339,6 +346,8 @@ def validate(cfg: Config) -> None:
     if cfg.device == "cpu" and cfg.amp == "fp16":
         raise ConfigError("amp: fp16 needs CUDA (it relies on a CUDA GradScaler); "
                           "use --amp bf16 or --amp off on the CPU")
+    if not cfg.compile_backend.strip():
+        raise ConfigError("compile_backend must name a torch.compile backend, e.g. inductor")
     if cfg.device == "cpu" and cfg.sync_bn:
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
 

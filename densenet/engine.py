@@ -54,8 +54,12 @@ def configure_backends(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: autotuning pays off after a few steps
-        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and later
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed input sizes: autotuning pays off at once
+    if device.type == "cuda":
+        # TF32 for the float32 work (fp32 runs, and what autocast keeps in float32). PyTorch allows it
+        # for cuDNN convolutions but not for matmuls by default; one switch sets both.
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -72,6 +76,23 @@ def prepare_model(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
     if use_channels_last(cfg, info.device):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """torch.compile once, for the whole run.
+
+    Static shapes (dynamic=False): training batches all have the same size, so one graph serves
+    every step of every epoch, and nothing that differs after a resume (the epoch, the sampler
+    position, loaded weights, the learning rate, which lives in the optimizer outside the graph)
+    reaches a guard. Only the training model is compiled: evaluation runs the plain module, so its
+    eval-mode graph and its last, smaller batch never invalidate or add to the training graph.
+    """
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"compile_backend: unknown torch.compile backend {backend!r}; "
+                          f"choose from {', '.join(torch._dynamo.list_backends())}")
+    return torch.compile(model, backend=backend, dynamic=False)
 
 
 class DeviceNormalize:
@@ -140,7 +161,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
             train_model = self.ddp
-        self.train_model = torch.compile(train_model) if cfg.compile else train_model
+        self.train_model = compile_model(train_model, cfg.compile_backend) if cfg.compile else train_model
 
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:

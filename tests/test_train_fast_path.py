@@ -1,0 +1,131 @@
+"""The GPU fast path, as far as the CPU can check it: its switches, the optimizer kernels, the backend
+flags it sets for CUDA, and torch.compile compiling the training model once per process, across
+epochs, evaluations and a resume."""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from _train_util import REPO, TINY, demo_root, env
+from densenet.config import ConfigError, parse_config
+from densenet.distributed import DistInfo
+from densenet.engine import compile_model, configure_backends
+from densenet.optim import build_optimizer, kernels_in_use, optimizer_kernels
+
+
+def test_fast_path_is_on_by_default_and_each_part_switches_off():
+    cfg = parse_config(["--data", "demo"])
+    assert (cfg.cudnn_benchmark, cfg.tf32, cfg.pin_memory, cfg.optimizer_impl) == (True, True, True, "auto")
+    assert (cfg.amp, cfg.channels_last, cfg.compile) == ("auto", None, False)  # bf16 and NHWC on CUDA, see engine
+    off = parse_config(["--data", "demo", "--no-cudnn-benchmark", "--no-tf32", "--no-pin-memory", "--amp", "off",
+                        "--no-channels-last", "--optimizer-impl", "loop"])
+    assert (off.cudnn_benchmark, off.tf32, off.pin_memory, off.amp, off.channels_last, off.optimizer_impl) == (
+        False, False, False, "off", False, "loop")
+    with pytest.raises(ConfigError, match="compile_backend"):
+        parse_config(["--data", "demo", "--compile-backend", " "])
+    with pytest.raises(ConfigError, match="unknown torch.compile backend 'nope'"):
+        compile_model(torch.nn.Linear(2, 2), "nope")
+
+
+def test_backend_flags_for_cuda_follow_the_config():
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    cuda = torch.device("cuda")  # the flags are plain settings; setting them needs no GPU
+    try:
+        configure_backends(parse_config(["--data", "demo"]), cuda)
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+        configure_backends(parse_config(["--data", "demo", "--no-cudnn-benchmark", "--no-tf32"]), cuda)
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        configure_backends(parse_config(["--data", "demo", "--deterministic"]), cuda)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
+
+
+def test_optimizer_kernels_differ_in_speed_only():
+    assert optimizer_kernels("auto", "cuda") == {"fused": True} and optimizer_kernels("auto", "cpu") == {}
+    torch.manual_seed(0)
+    # No bias before the BatchNorm: its gradient is rounding noise, which Adam would scale up to full steps.
+    start = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(128, 4))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    results = {}
+    for optimizer in ("sgd", "adamw"):
+        for impl in ("loop", "foreach", "fused"):
+            model = copy.deepcopy(start)
+            cfg = parse_config(["--data", "demo", "--optimizer", optimizer, "--optimizer-impl", impl,
+                                "--no-weight-decay-norm-bias"])
+            opt = build_optimizer(model, cfg, lr=0.05)
+            assert kernels_in_use(opt) == impl
+            for _ in range(3):
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            results[optimizer, impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert not torch.equal(results[optimizer, "loop"], torch.cat([p.flatten() for p in start.parameters()]))
+        for impl in ("foreach", "fused"):
+            torch.testing.assert_close(results[optimizer, impl], results[optimizer, "loop"], rtol=1e-5, atol=1e-6)
+
+
+def test_pinned_batches_only_for_cuda():
+    import train_dist
+
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
+    cuda = DistInfo(0, 1, 0, torch.device("cuda", 0), None, "single")
+    cfg = parse_config(["--data", "demo"])
+    assert not train_dist.pin_memory(cfg, cpu) and train_dist.pin_memory(cfg, cuda)
+    assert not train_dist.pin_memory(parse_config(["--data", "demo", "--no-pin-memory"]), cuda)
+
+
+# A backend that records each graph torch.compile hands it and runs the graph as captured: Dynamo's
+# guards and recompilation decisions are the same as under inductor, without its code generation.
+COUNTING_RUN = textwrap.dedent("""
+    import sys
+    from torch._dynamo import register_backend
+    graphs = []
+
+    @register_backend
+    def counting(gm, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if hasattr(x, "shape")][:1])
+        return gm.forward
+
+    import train_dist
+    status = train_dist.main(sys.argv[1:])
+    print("GRAPHS", len(graphs), graphs, flush=True)
+    sys.exit(status)
+""")
+
+
+@pytest.mark.slow
+def test_compile_happens_once_across_epochs_evaluation_and_resume(tmp_path):
+    data = demo_root(tmp_path)
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(data), "--output-dir", str(out), "--batch-size", "50", "--epochs", "3",
+                   "--compile", "--compile-backend", "counting", "--log-every", "5", "--ckpt-every", "0"]
+
+    def run(extra):
+        proc = subprocess.run([sys.executable, "-c", COUNTING_RUN, *args, *extra], cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout
+        match = re.search(r"^GRAPHS (\d+) (.*)$", proc.stdout, re.M)
+        assert match, proc.stdout
+        return int(match.group(1)), match.group(2), proc.stdout
+
+    # 10 steps per epoch: epoch 1, its evaluation, then stop 5 steps into epoch 2 (and evaluate again)
+    count, shapes, log = run(["--max-steps", "15"])
+    assert "compile counting" in log and "epoch 1/3 done" in log and "epoch 2/3 stopped" in log
+    assert count == 1, f"expected one training graph, got {count}: {shapes}"
+    # resume in the middle of epoch 2 and finish epoch 3: one graph again, compiled for the new process
+    count, shapes, log = run([])
+    assert "resumed from" in log and "epoch 3/3 done" in log
+    assert count == 1, f"expected one training graph after the resume, got {count}: {shapes}"
