@@ -52,17 +52,24 @@ def decode_floor(path: str) -> None:
             image.convert("RGB")
 
 
-def torchvision_preset(size: int) -> Callable[[str], torch.Tensor]:
+def reference_train_preset(size: int) -> Callable:
+    """torchvision's reference training preset (references/classification/presets.py, no
+    auto-augment): PIL image -> normalised float tensor."""
     from torchvision import transforms as T
-    from torchvision.datasets.folder import pil_loader
 
-    preset = T.Compose([
+    return T.Compose([
         T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.RandomHorizontalFlip(0.5),
         T.PILToTensor(),
         T.ConvertImageDtype(torch.float),
         T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
+
+
+def torchvision_preset(size: int) -> Callable[[str], torch.Tensor]:
+    from torchvision.datasets.folder import pil_loader
+
+    preset = reference_train_preset(size)
     return lambda path: preset(pil_loader(path))
 
 

@@ -8,7 +8,7 @@ each once and flag the sample as ``bad``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -19,11 +19,14 @@ from .layouts import SampleTable
 from .rng import SAMPLE, key_generator
 from .transforms import EvalTransform, TrainTransform
 
+if TYPE_CHECKING:
+    from .device_decode import EncodedTrainTransform
+
 MAX_REPLACEMENTS = 16
 
 
 class Sample(NamedTuple):
-    pixels: np.ndarray  # 3xHxW uint8
+    pixels: np.ndarray  # 3xHxW uint8; with decode="device", an EncodedCrop for the device to decode
     target: int
     unreadable: tuple[tuple[str, str], ...]  # (path, reason) of files replaced on the way
 
@@ -38,7 +41,7 @@ class TrainFolderDataset(Dataset):
     """Key (epoch, index): the crop, flip and augmentation come from a generator seeded by
     (seed, epoch, index), so the sample's pixels do not depend on which worker made them."""
 
-    def __init__(self, table: SampleTable, transform: TrainTransform, seed: int):
+    def __init__(self, table: SampleTable, transform: TrainTransform | EncodedTrainTransform, seed: int):
         self.table = table
         self.transform = transform
         self.seed = seed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .classes import class_names
 from .datasets import EvalFolderDataset, Sample, TrainFolderDataset
+from .device_decode import DECODE_MODES, DeviceDecoder, EncodedTrainTransform, collate_encoded, resolve_device
 from .layouts import dataset_root, load_split
 from .rng import WORKERS, key_seed
 from .samplers import EvalBatchSampler, TrainBatchSampler
@@ -62,7 +63,7 @@ def _already_batched(batch):
 
 
 def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, prefetch_factor: int,
-                seed: int, rank: int, multiprocessing_context=None) -> DataLoader:
+                seed: int, rank: int, multiprocessing_context=None, collate_fn: Callable = collate) -> DataLoader:
     """A map-style dataset with our batch sampler, or (batch_sampler None) an iterable dataset whose
     workers yield whole collated batches."""
     extra = {}
@@ -74,7 +75,7 @@ def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, 
     generator = torch.Generator()
     generator.manual_seed(key_seed(WORKERS, seed, rank))
     if batch_sampler is not None:
-        extra.update(batch_sampler=batch_sampler, collate_fn=collate)
+        extra.update(batch_sampler=batch_sampler, collate_fn=collate_fn)
     else:
         extra.update(batch_size=None, collate_fn=_already_batched)
     return DataLoader(dataset, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
@@ -82,21 +83,26 @@ def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, 
 
 
 class _Loader:
-    """What both loaders share: class metadata and the bad-file bookkeeping of the main process."""
+    """What both loaders share: class metadata and the bad-file bookkeeping of the main process.
+    ``finish``, if given, turns each worker batch into its final form in the main process (the
+    device decode)."""
 
-    def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_batches: int):
+    def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_batches: int,
+                 finish: Callable | None = None):
         self.dataloader = dataloader
         self.classes = list(classes)
         self.class_names = class_names(self.classes)
         self.num_classes = len(self.classes)
         self.num_batches = num_batches
         self.unreadable = UnreadableFiles()
+        self.finish = finish
 
     def __len__(self) -> int:
         return self.num_batches
 
     def _batches(self) -> Iterator[Batch]:
-        for images, targets, bad, unreadable in self.dataloader:
+        for batch in self.dataloader:
+            images, targets, bad, unreadable = self.finish(batch) if self.finish is not None else batch
             for path, reason in unreadable:
                 self.unreadable.report(path, reason)
             yield images, targets, bad
@@ -105,14 +111,17 @@ class _Loader:
 class TrainLoader(_Loader):
     """Batches of one epoch on this rank. ``set_epoch(epoch, start_batch)`` before each pass. From
     folders the batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is;
-    from shards also of the worker count and world size (see data/shard_stream.py)."""
+    from shards also of the worker count and world size (see data/shard_stream.py). With
+    ``decode="device"``, ``decoder`` is the ``DeviceDecoder`` (its ``counts`` say where images were
+    decoded) and the images arrive on its device."""
 
     def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
-                 batch_size: int):
-        super().__init__(dataloader, classes, len(sampler))
+                 batch_size: int, decoder: DeviceDecoder | None = None):
+        super().__init__(dataloader, classes, len(sampler), decoder)
         self.sampler = sampler
         self.num_samples = num_samples
         self.batch_size = batch_size
+        self.decoder = decoder
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -154,15 +163,27 @@ def build_train_loader(
     multiprocessing_context=None,
     split: str = "train",
     shuffle_buffer: int = 2000,
+    decode: str = "cpu",
+    device: torch.device | str | None = None,
 ) -> TrainLoader:
     """The training loader for a dataset folder ROOT (any layout ``data.layouts`` reads) or a folder
-    of tar shards written by ``python -m data.shards`` (streamed through a ``shuffle_buffer``)."""
+    of tar shards written by ``python -m data.shards`` (streamed through a ``shuffle_buffer``).
+
+    ``decode="cpu"``: workers decode, crop and resize; images arrive as CPU tensors.
+    ``decode="device"``: workers only read the files and draw the crops; ``device`` (default: the
+    current CUDA device, else the CPU) decodes and resizes each batch, and the images arrive there
+    (see data/device_decode.py). ``device`` is ignored with ``decode="cpu"``."""
     _check_workers(workers, batch_size)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode {decode!r} is not one of {DECODE_MODES}")
     transform = TrainTransform(image_size, scale=crop_scale, interpolation=interpolation,
                                auto_augment=auto_augment, random_erasing=random_erasing,
                                backend=resize_backend)
+    worker_transform, collate_fn = transform, collate
+    if decode == "device":
+        worker_transform, collate_fn = EncodedTrainTransform(transform), collate_encoded
     loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=seed,
                           rank=rank, multiprocessing_context=multiprocessing_context)
     root = dataset_root(root)
@@ -172,14 +193,20 @@ def build_train_loader(
         if len(epoch) == 0:
             raise ValueError(f"{index.num_samples} training samples are fewer than one global batch "
                              f"({world_size} ranks x {batch_size}); lower the batch size or add data")
-        stream = ShardTrainStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, shuffle_buffer=shuffle_buffer, epoch=epoch, collate=collate)
-        return TrainLoader(_dataloader(stream, **loader_options), epoch, index.classes, index.num_samples,
-                           batch_size)
-    table = load_split(root, split)
-    sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
-    dataloader = _dataloader(TrainFolderDataset(table, transform, seed), batch_sampler=sampler, **loader_options)
-    return TrainLoader(dataloader, sampler, table.classes, len(table), batch_size)
+        stream = ShardTrainStream(index, worker_transform, batch_size=batch_size, rank=rank,
+                                  world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, epoch=epoch,
+                                  collate=collate_fn)
+        dataloader = _dataloader(stream, **loader_options)
+        sampler, classes, num_samples = epoch, index.classes, index.num_samples
+    else:
+        table = load_split(root, split)
+        sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
+        dataloader = _dataloader(TrainFolderDataset(table, worker_transform, seed), batch_sampler=sampler,
+                                 collate_fn=collate_fn, **loader_options)
+        classes, num_samples = table.classes, len(table)
+    # Built after the layout checks and before any worker starts: a device that cannot decode fails here.
+    decoder = DeviceDecoder(transform, resolve_device(device)) if decode == "device" else None
+    return TrainLoader(dataloader, sampler, classes, num_samples, batch_size, decoder)
 
 
 def build_eval_loader(

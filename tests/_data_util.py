@@ -98,3 +98,13 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def write_undefined_huffman_table(dst: Path) -> Path:
+    """A JPEG whose header and end-of-image marker are intact but whose scan uses a Huffman table the
+    file never defines: every check short of decoding passes, and every decoder refuses it."""
+    data = bytearray(small_jpeg(sample_files()[5], dst).read_bytes())
+    sos = data.index(b"\xff\xda")
+    data[sos + 6] = 0x33  # the first component's DC/AC table selectors
+    dst.write_bytes(bytes(data))
+    return dst

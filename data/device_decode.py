@@ -1,0 +1,298 @@
+"""Training batches decoded on the device: workers read the encoded bytes and draw each sample's
+crop; the device (a GPU, through nvjpeg) decodes the batch and crops, resizes and flips it there.
+
+With about two CPU cores per GPU, decoding JPEG on the CPU cannot keep a modern GPU busy with
+DenseNet-121. In this mode a worker does per sample only what needs no pixels: read the file, parse
+its header (PIL, no decode), and draw the crop box, flip and random-erasing rectangle from the
+sample's key exactly as the CPU path does (``TrainTransform.crop`` / ``.erasure``). The main process
+hands the batch's bytes to ``torchvision.io.decode_jpeg(list, device=...)`` and finishes on the
+device: crop, antialiased resize (same interpolation), flip, erasing. The same keys give the same
+crop boxes, flips and erasures as the CPU path; pixels differ only by the decoder and the resize
+kernel's rounding (no ``Image.draft`` either: the device decodes at full size).
+
+Files the device should not see are decoded by the CPU path in the worker, with the same generator,
+so their pixels, replacements and ``bad`` flags are exactly the CPU path's: anything whose header
+does not say a baseline-decodable JPEG (CMYK, PNG saved as .JPEG, unreadable headers, zero-byte and
+non-image files) and JPEGs without their end-of-image marker (truncated files). A file that passes
+these checks but that the device decoder still raises on is decoded on the CPU from its bytes, with
+the same crop and flip (identical to the CPU path's pixels), without losing the rest of the batch.
+If the CPU cannot decode it either, it is replaced by another image of the same batch (rather than
+the CPU path's random draw), flagged ``bad`` and logged like every unreadable file.
+
+The same code runs with ``device="cpu"`` (torchvision's CPU decoder), which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import Sample, too_many_unreadable
+from .decode import Source, UnreadableImage, open_image
+from .transforms import Erasure, TrainTransform
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("cpu", "device")
+
+# A JPEG ends with the EOI marker. Entropy-coded data cannot contain it (0xFF is always stuffed), so
+# its absence near the end means the file was cut short; the tail allows for padding after it.
+JPEG_EOI = b"\xff\xd9"
+EOI_TAIL = 64
+
+# torchvision 0.29 deprecates its image decoders (in favour of torchcodec) and warns on every call;
+# decode_jpeg is still what reaches nvjpeg, in every torchvision this project supports.
+_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+class EncodedCrop(NamedTuple):
+    """One sample for the device: the file's bytes and every random choice made for it."""
+    data: bytes
+    crop: tuple[int, int, int, int]  # top, left, height, width in the full-size image
+    flip: bool
+    erasure: Erasure | None
+    name: str
+
+
+def device_decodable(image_format: str | None, mode: str, data: bytes) -> bool:
+    """A JPEG in a colour model the device decoders convert to RGB, and not cut short."""
+    return image_format == "JPEG" and mode in ("RGB", "L") and JPEG_EOI in data[-EOI_TAIL:]
+
+
+def read_source(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read()
+    return source.read()
+
+
+class EncodedTrainTransform:
+    """The worker's half: file -> ``EncodedCrop``, or the CPU path's pixels for a file the device
+    should not decode. Called like ``TrainTransform`` and drawing from the generator in the same
+    order, so datasets, shard streams and their replacement of unreadable files work unchanged."""
+
+    def __init__(self, transform: TrainTransform):
+        if transform.augment is not None:
+            raise ValueError("auto_augment policies work on PIL images in the loader workers, which "
+                             "decode='device' does not decode; use decode='cpu' with auto_augment")
+        self.transform = transform
+
+    def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray | EncodedCrop:
+        try:
+            data = read_source(source)
+            with open_image(data, name) as image:
+                if device_decodable(image.format, image.mode, data):
+                    crop, flip = self.transform.crop(*image.size, generator)
+                    return EncodedCrop(data, crop, flip, self.transform.erasure(generator), name)
+        except (OSError, UnreadableImage):
+            pass  # the CPU path below raises its own error for it, naming the file
+        # Given the original source (a path is read again, from the page cache), the CPU path
+        # decodes, fails and complains exactly as it does in decode="cpu".
+        return self.transform(source, name, generator)
+
+
+@dataclass
+class EncodedImages:
+    """A batch's images as they leave the workers. A plain dataclass, so DataLoader's pinning
+    passes it by: nvjpeg reads the bytes from pageable memory itself."""
+    data: torch.Tensor  # uint8: the encoded files back to back (one shared-memory block)
+    offsets: list[int]  # file i is data[offsets[i]:offsets[i + 1]]
+    positions: list[int]  # batch position of each encoded file
+    crops: list[tuple[int, int, int, int]]
+    flips: list[bool]
+    erasures: list[Erasure | None]
+    names: list[str]
+    pixels: torch.Tensor  # uint8 [m, 3, S, S]: samples the workers decoded on the CPU
+    pixel_positions: list[int]
+    batch_size: int
+
+    def files(self) -> list[torch.Tensor]:
+        return [self.data[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+
+def collate_encoded(samples: Sequence[Sample]) -> tuple[EncodedImages, torch.Tensor, torch.Tensor, list]:
+    """Like ``loader.collate``, with the images left encoded: (EncodedImages, targets, bad, unreadable)."""
+    encoded = [(i, s.pixels) for i, s in enumerate(samples) if isinstance(s.pixels, EncodedCrop)]
+    decoded = [(i, s.pixels) for i, s in enumerate(samples) if not isinstance(s.pixels, EncodedCrop)]
+    offsets = np.cumsum([0] + [len(e.data) for _, e in encoded]).tolist()
+    data = torch.empty(offsets[-1], dtype=torch.uint8)
+    view = data.numpy()
+    for (_, e), start, end in zip(encoded, offsets, offsets[1:]):
+        view[start:end] = np.frombuffer(e.data, dtype=np.uint8)
+    pixels = (torch.from_numpy(np.stack([p for _, p in decoded])) if decoded
+              else torch.empty(0, dtype=torch.uint8))
+    images = EncodedImages(data, offsets, [i for i, _ in encoded], [e.crop for _, e in encoded],
+                           [e.flip for _, e in encoded], [e.erasure for _, e in encoded],
+                           [e.name for _, e in encoded], pixels, [i for i, _ in decoded], len(samples))
+    targets = torch.tensor([s.target for s in samples], dtype=torch.int64)
+    bad = torch.tensor([bool(s.unreadable) for s in samples], dtype=torch.bool)
+    return images, targets, bad, [report for s in samples for report in s.unreadable]
+
+
+@contextmanager
+def _quiet_decoder() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
+        yield
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The decode device: as given, or the current CUDA device (the rank's GPU once the trainer has
+    called ``torch.cuda.set_device``), or the CPU without CUDA."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"decode device {device} requested, but CUDA is not available here")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"decode device {device}: torchvision decodes JPEG on 'cuda' or 'cpu' only")
+    return device
+
+
+class DeviceDecoder:
+    """The main process's half: a worker batch -> (images uint8 [B,3,S,S] on ``device``, targets,
+    bad, unreadable reports). ``counts`` tallies where images were decoded: on the device, by the
+    workers' CPU path, or by the CPU after the device decoder refused them."""
+
+    def __init__(self, transform: TrainTransform, device: torch.device):
+        from torchvision.io import ImageReadMode, decode_jpeg  # only this mode needs torchvision's decoder
+
+        self._decode_jpeg = decode_jpeg
+        self._rgb = ImageReadMode.RGB
+        self.transform = transform
+        self.device = device
+        self.counts = {"device": 0, "workers": 0, "fallback": 0}
+        self.refused: set[str] = set()
+        self._check_decoder()
+
+    def _check_decoder(self) -> None:
+        """Fail before training starts, not with every batch falling back to the CPU, where the
+        device cannot decode JPEG at all (a torchvision built without nvjpeg, for instance)."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 100, 50)).save(buffer, "JPEG")
+        probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        try:
+            with _quiet_decoder():
+                (image,) = self._decode_jpeg([probe], mode=self._rgb, device=self.device)
+        except Exception as err:
+            raise RuntimeError(f"decode='device' needs torchvision.io.decode_jpeg on {self.device}, which "
+                               f"failed on a test image ({type(err).__name__}: {err}); use decode='cpu'") from err
+        if tuple(image.shape) != (3, 8, 16) or image.device.type != self.device.type:
+            raise RuntimeError(f"decode_jpeg on {self.device} returned {tuple(image.shape)} on {image.device} "
+                               "for a 16x8 RGB test image; use decode='cpu'")
+
+    def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | str]:
+        """Each file decoded to 3xHxW uint8 on the device, or the decoder's complaint. The batched
+        call returns nothing when any file fails, so then each file is tried on its own."""
+        try:
+            with _quiet_decoder():
+                return list(self._decode_jpeg(files, mode=self._rgb, device=self.device))
+        except Exception:  # which file (or files) the decoder refused is found below
+            pass
+        results: list[torch.Tensor | str] = []
+        for data in files:
+            try:
+                with _quiet_decoder():
+                    results.append(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+            except Exception as err:
+                results.append(f"{type(err).__name__}: {err}")
+        return results
+
+    def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor:
+        """The crop, resized with antialiasing: float 3 x S x S (the device kernels are float only)."""
+        top, left, height, width = crop
+        size = self.transform.size
+        region = image[:, top:top + height, left:left + width].unsqueeze(0).float()
+        if (height, width) != (size, size):
+            region = F.interpolate(region, size=(size, size), mode=self.transform.interpolation,
+                                   antialias=True, align_corners=False)
+        return region[0]
+
+    def _refused(self, name: str, reason: str) -> None:
+        if name not in self.refused:
+            self.refused.add(name)
+            log.info("the device decoder refused %s (%s); decoding it on the CPU", name, reason)
+
+    def _cpu_fallback(self, encoded: EncodedImages, j: int, data: torch.Tensor) -> np.ndarray:
+        """The CPU path's pixels for encoded file j, from its bytes and the crop already drawn."""
+        name = encoded.names[j]
+        with open_image(data.numpy().tobytes(), name) as image:
+            return self.transform.resized_crop(image, encoded.crops[j], encoded.flips[j], name)
+
+    def __call__(self, batch: tuple[EncodedImages, torch.Tensor, torch.Tensor, list]):
+        encoded, targets, bad, unreadable = batch
+        size = self.transform.size
+        out = torch.empty(encoded.batch_size, 3, size, size, dtype=torch.uint8, device=self.device)
+        final: list[tuple[list[int], torch.Tensor]] = []  # finished uint8 images: positions, pixels
+        failed: dict[int, tuple[str, str]] = {}  # position -> (name, reason) of files nobody could decode
+        if encoded.pixel_positions:
+            final.append((encoded.pixel_positions, encoded.pixels))
+            self.counts["workers"] += len(encoded.pixel_positions)
+        files = encoded.files()
+        if files:
+            resized = torch.empty(len(files), 3, size, size, dtype=torch.float32, device=self.device)
+            on_device, flips = [], []
+            for j, (data, image) in enumerate(zip(files, self._decode(files))):
+                top, left, height, width = encoded.crops[j]
+                if isinstance(image, torch.Tensor) and (
+                        image.shape[0] != 3 or top + height > image.shape[1] or left + width > image.shape[2]):
+                    image = f"decoded to {tuple(image.shape)}, but the header promised an RGB image holding the crop"
+                if isinstance(image, str):
+                    self._refused(encoded.names[j], image)
+                    try:
+                        pixels = self._cpu_fallback(encoded, j, data)
+                    except UnreadableImage as err:
+                        failed[encoded.positions[j]] = (err.path, err.reason)
+                        continue
+                    final.append(([encoded.positions[j]], torch.from_numpy(pixels).unsqueeze(0)))
+                    self.counts["fallback"] += 1
+                    continue
+                resized[j] = self._resize(image, encoded.crops[j])
+                on_device.append(j)
+                if encoded.flips[j]:
+                    flips.append(j)
+            if flips:
+                rows = torch.tensor(flips, device=self.device)
+                resized[rows] = resized[rows].flip(-1)
+            if on_device:
+                rows = torch.tensor(on_device, device=self.device)
+                positions = torch.tensor([encoded.positions[j] for j in on_device], device=self.device)
+                out[positions] = resized[rows].round_().clamp_(0, 255).to(torch.uint8)
+                self.counts["device"] += len(on_device)
+        for positions, pixels in final:
+            out[torch.tensor(positions, device=self.device)] = pixels.to(self.device)
+        for j, erasure in enumerate(encoded.erasures):
+            if erasure is not None and encoded.positions[j] not in failed:
+                erasure.paste(out[encoded.positions[j]])
+        if failed:
+            self._replace(out, targets, bad, unreadable, failed)
+        return out, targets, bad, unreadable
+
+    @staticmethod
+    def _replace(out: torch.Tensor, targets: torch.Tensor, bad: torch.Tensor, unreadable: list,
+                 failed: dict[int, tuple[str, str]]) -> None:
+        """Each sample no decoder could read takes the image and label of the next good sample of
+        the batch, and is flagged."""
+        good = [i for i in range(len(targets)) if i not in failed]
+        if not good:
+            raise too_many_unreadable(list(failed.values()))
+        for position, report in sorted(failed.items()):
+            source = next((i for i in good if i > position), good[0])
+            out[position] = out[source]
+            targets[position] = targets[source]
+            bad[position] = True
+            unreadable.append(report)
