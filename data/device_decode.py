@@ -212,15 +212,23 @@ class DeviceDecoder:
                 results.append(f"{type(err).__name__}: {err}")
         return results
 
-    def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor:
-        """The crop, resized with antialiasing: float 3 x S x S (the device kernels are float only)."""
+    def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        """The crop, resized with antialiasing and mirrored if ``flip``: float 3 x S x S, unrounded
+        (the device kernels are float only)."""
         top, left, height, width = crop
         size = self.transform.size
         region = image[:, top:top + height, left:left + width].unsqueeze(0).float()
         if (height, width) != (size, size):
             region = F.interpolate(region, size=(size, size), mode=self.transform.interpolation,
                                    antialias=True, align_corners=False)
-        return region[0]
+        return region[0].flip(-1) if flip else region[0]
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor onto the device without making the host wait for queued GPU work: a copy from
+        pageable memory would block until the stream (the previous training step) drains."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _refused(self, name: str, reason: str) -> None:
         if name not in self.refused:
@@ -234,50 +242,52 @@ class DeviceDecoder:
             return self.transform.resized_crop(image, encoded.crops[j], encoded.flips[j], name)
 
     def __call__(self, batch: tuple[EncodedImages, torch.Tensor, torch.Tensor, list]):
+        """Decode, crop, resize and flip on the device. In the usual batch (every file decoded there)
+        nothing waits for the device: indices stay on the host and uploads come from pinned memory."""
         encoded, targets, bad, unreadable = batch
         size = self.transform.size
-        out = torch.empty(encoded.batch_size, 3, size, size, dtype=torch.uint8, device=self.device)
-        final: list[tuple[list[int], torch.Tensor]] = []  # finished uint8 images: positions, pixels
-        failed: dict[int, tuple[str, str]] = {}  # position -> (name, reason) of files nobody could decode
-        if encoded.pixel_positions:
-            final.append((encoded.pixel_positions, encoded.pixels))
-            self.counts["workers"] += len(encoded.pixel_positions)
+        cpu_pixels = list(zip(encoded.pixel_positions, encoded.pixels))  # finished on the CPU
+        self.counts["workers"] += len(cpu_pixels)
+        failed: dict[int, tuple[str, str]] = {}  # position -> (name, reason): no decoder could read it
         files = encoded.files()
-        if files:
-            resized = torch.empty(len(files), 3, size, size, dtype=torch.float32, device=self.device)
-            on_device, flips = [], []
-            for j, (data, image) in enumerate(zip(files, self._decode(files))):
-                top, left, height, width = encoded.crops[j]
-                if isinstance(image, torch.Tensor) and (
-                        image.shape[0] != 3 or top + height > image.shape[1] or left + width > image.shape[2]):
-                    image = f"decoded to {tuple(image.shape)}, but the header promised an RGB image holding the crop"
-                if isinstance(image, str):
-                    self._refused(encoded.names[j], image)
-                    try:
-                        pixels = self._cpu_fallback(encoded, j, data)
-                    except UnreadableImage as err:
-                        failed[encoded.positions[j]] = (err.path, err.reason)
-                        continue
-                    final.append(([encoded.positions[j]], torch.from_numpy(pixels).unsqueeze(0)))
-                    self.counts["fallback"] += 1
-                    continue
-                resized[j] = self._resize(image, encoded.crops[j])
+        resized = torch.empty(len(files), 3, size, size, dtype=torch.float32, device=self.device)
+        on_device: list[int] = []
+        for j, (data, image) in enumerate(zip(files, self._decode(files) if files else [])):
+            top, left, height, width = encoded.crops[j]
+            if isinstance(image, torch.Tensor) and (
+                    image.shape[0] != 3 or top + height > image.shape[1] or left + width > image.shape[2]):
+                image = f"decoded to {tuple(image.shape)}, but the header promised an RGB image holding the crop"
+            if isinstance(image, torch.Tensor):
+                resized[j] = self._resize(image, encoded.crops[j], encoded.flips[j])
                 on_device.append(j)
-                if encoded.flips[j]:
-                    flips.append(j)
-            if flips:
-                rows = torch.tensor(flips, device=self.device)
-                resized[rows] = resized[rows].flip(-1)
-            if on_device:
-                rows = torch.tensor(on_device, device=self.device)
-                positions = torch.tensor([encoded.positions[j] for j in on_device], device=self.device)
-                out[positions] = resized[rows].round_().clamp_(0, 255).to(torch.uint8)
-                self.counts["device"] += len(on_device)
-        for positions, pixels in final:
-            out[torch.tensor(positions, device=self.device)] = pixels.to(self.device)
-        for j, erasure in enumerate(encoded.erasures):
-            if erasure is not None and encoded.positions[j] not in failed:
-                erasure.paste(out[encoded.positions[j]])
+                continue
+            self._refused(encoded.names[j], image)
+            try:
+                cpu_pixels.append((encoded.positions[j], torch.from_numpy(self._cpu_fallback(encoded, j, data))))
+                self.counts["fallback"] += 1
+            except UnreadableImage as err:
+                failed[encoded.positions[j]] = (err.path, err.reason)
+        self.counts["device"] += len(on_device)
+        decoded = resized.round_().clamp_(0, 255).to(torch.uint8)
+        if len(on_device) == encoded.batch_size:  # every sample was encoded, in order, and decoded here
+            out = decoded
+        else:
+            out = torch.empty(encoded.batch_size, 3, size, size, dtype=torch.uint8, device=self.device)
+            for j in on_device:
+                out[encoded.positions[j]] = decoded[j]
+        if cpu_pixels:
+            uploaded = self._upload(torch.stack([p for _, p in cpu_pixels]))
+            for k, (position, _) in enumerate(cpu_pixels):
+                out[position] = uploaded[k]
+        erasures = [(encoded.positions[j], e) for j, e in enumerate(encoded.erasures)
+                    if e is not None and encoded.positions[j] not in failed]
+        if erasures:
+            noise = self._upload(torch.from_numpy(np.concatenate([e.noise.ravel() for _, e in erasures])))
+            start = 0
+            for position, e in erasures:
+                _, h, w = e.noise.shape
+                out[position, :, e.top:e.top + h, e.left:e.left + w] = noise[start:start + e.noise.size].view(3, h, w)
+                start += e.noise.size
         if failed:
             self._replace(out, targets, bad, unreadable, failed)
         return out, targets, bad, unreadable

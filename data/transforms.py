@@ -201,11 +201,10 @@ class Erasure(NamedTuple):
     left: int
     noise: np.ndarray  # 3 x h x w uint8
 
-    def paste(self, chw) -> None:
-        """Write the noise into a 3xHxW numpy array or tensor, in place."""
+    def paste(self, chw: np.ndarray) -> None:
+        """Write the noise into a 3xHxW array, in place."""
         _, h, w = self.noise.shape
-        chw[:, self.top:self.top + h, self.left:self.left + w] = (
-            self.noise if isinstance(chw, np.ndarray) else torch.from_numpy(self.noise))
+        chw[:, self.top:self.top + h, self.left:self.left + w] = self.noise
 
 
 def draw_erasure(height: int, width: int, generator: torch.Generator, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
