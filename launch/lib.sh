@@ -74,6 +74,15 @@ plan_processes() {
     launch_log "$NPROC training processes on $(hostname -s) ($gpus GPUs, $cpus CPUs, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 }
 
+# torchrun >= 2.5 lets the training processes share its rendezvous store, and keys of the
+# previous attempt survive a restart: restarted processes can read a dead peer's address and
+# fail to connect (pytorch/pytorch#135712, #167288). With restarts, give each attempt its own store.
+isolate_restart_stores() {
+    if (($1 > 0)); then
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+    fi
+}
+
 # The training processes torchrun started (its direct children).
 workers_of() {
     pgrep -P "$1" || true
@@ -113,6 +122,15 @@ signal_local_agents() {
     ((found)) || launch_log "no running node agent of this job here (looked in $dir)"
 }
 
+# SLURM ends a job (scancel, time limit, preemption) by sending SIGTERM to every process of it,
+# the training processes included, and SIGKILL after a grace period. The batch shell must not
+# die first (its end would kill the rest at once) nor pass SIGTERM on (a second signal makes the
+# trainer exit without its checkpoint): it notes the signal and keeps waiting.
+on_slurm_term() {
+    TERMINATED=1
+    launch_log "SIGTERM: SLURM is ending the job (cancel, time limit or preemption); waiting for the training to stop"
+}
+
 # After the training step has ended: done, or requeue because SLURM warned us, or a failure.
 # $1 = exit status of the training, $2 = 1 when the warning signal arrived.
 finish_or_requeue() {
@@ -128,6 +146,11 @@ finish_or_requeue() {
         fi
         launch_log "error: scontrol requeue failed; submit the same command again to resume from the checkpoint" >&2
         exit 3
+    fi
+    if ((${TERMINATED:-0})); then
+        # A preempted job that may be requeued is requeued by SLURM itself; a cancelled one stays so.
+        launch_log "training stopped by SLURM's SIGTERM (status $status); not requeueing"
+        exit "$status"
     fi
     launch_log "error: training failed with status $status; not requeueing (see the trainer's messages above)" >&2
     exit "$status"

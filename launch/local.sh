@@ -36,8 +36,11 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     OMP_NUM_THREADS=$((cpus / procs > 0 ? cpus / procs : 1))
     export OMP_NUM_THREADS
 fi
+max_restarts=${MAX_RESTARTS:-0}
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$max_restarts is not a number of restarts"
+isolate_restart_stores "$max_restarts"
 launch_log "$procs training processes ($NGPU GPUs, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 
 # MAX_RESTARTS > 0: when a process dies, torchrun restarts them all and they resume from the
 # last checkpoint.
-exec torchrun --standalone --nproc_per_node="$procs" --max-restarts="${MAX_RESTARTS:-0}" "$TRAIN_SCRIPT" "$@"
+exec torchrun --standalone --nproc_per_node="$procs" --max-restarts="$max_restarts" "$TRAIN_SCRIPT" "$@"

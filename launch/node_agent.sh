@@ -1,10 +1,12 @@
 #!/bin/bash
 # Runs one torchrun agent on this node and passes SIGUSR1 on to its training processes.
 #
-#   launch/node_agent.sh <torchrun arguments without --nproc_per_node...>
+#   launch/node_agent.sh <torchrun arguments without --nproc_per_node and --max-restarts...>
 #
 # The number of processes is this node's share of the SLURM allocation (one per GPU, or one
 # per CPU on a CPU-only node; NPROC_PER_NODE overrides it), see plan_processes in lib.sh.
+# MAX_RESTARTS (default 0) is torchrun's --max-restarts: how often it restarts all processes of
+# the node when one of them fails.
 #
 # SLURM's warning signal before a time limit or preemption is SIGUSR1, and torchrun does not
 # forward SIGUSR1 (only SIGTERM and SIGINT, which it follows with SIGKILL 30 s later). The batch
@@ -21,6 +23,9 @@ source "$LAUNCH_DIR/lib.sh"
 
 (($# > 0)) || die "usage: $0 <torchrun arguments...>"
 plan_processes
+max_restarts=${MAX_RESTARTS:-0}
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$max_restarts is not a number of restarts"
+isolate_restart_stores "$max_restarts"
 
 forwarded=0
 watcher_pid=
@@ -42,31 +47,31 @@ on_usr1() {
     launch_log "SIGUSR1: passing it on to the training processes" $workers
     # shellcheck disable=SC2086
     kill -USR1 $workers 2>/dev/null || true
-    # The workers checkpoint and exit 3. torchrun with --max-restarts > 0 would start them
-    # again; if it is still alive a while after they are gone, it is doing exactly that.
-    # (Short sleeps: a sleeping child keeps the step's output open after this script ends.)
-    (
-        for w in $workers; do
-            while kill -0 "$w" 2>/dev/null; do sleep 1; done
-        done
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            kill -0 "$torchrun_pid" 2>/dev/null || exit 0
-            sleep 1
-        done
-        launch_log "torchrun is restarting the workers after the warning signal: stopping it"
-        kill -TERM "$torchrun_pid" 2>/dev/null || true
-    ) &
-    watcher_pid=$!
+    # The workers checkpoint and exit 3, and torchrun would start them again if it may
+    # restart them: stop it as soon as they are gone.
+    if ((max_restarts > 0)); then
+        (
+            for w in $workers; do
+                while kill -0 "$w" 2>/dev/null; do sleep 0.2; done
+            done
+            launch_log "training processes gone after the warning signal: stopping torchrun before it restarts them"
+            kill -TERM "$torchrun_pid" 2>/dev/null || true
+        ) &
+        watcher_pid=$!
+    fi
 }
 
 # torchrun and, until the trainer installs its handler, the workers ignore SIGUSR1: a signal
 # sent to the whole job step must not kill them before they can checkpoint.
 (
     trap '' USR1
-    exec torchrun --nproc_per_node="$NPROC" "$@"
+    exec torchrun --nproc_per_node="$NPROC" --max-restarts="$max_restarts" "$@"
 ) &
 torchrun_pid=$!
 trap on_usr1 USR1
+# Under SLURM, torchrun and the training processes get SLURM's SIGTERM themselves; this
+# wrapper only must not end first, or the step would end with it.
+trap 'launch_log "SIGTERM: waiting for torchrun to stop"' TERM
 
 pidfile=
 if [[ -n "${AGENT_PIDDIR:-}" ]]; then

@@ -68,11 +68,12 @@ on_warning() {
     fi
 }
 trap on_warning USR1
+trap on_slurm_term TERM
 
 # srun does not pass --cpus-per-task on to its step by itself (SLURM 22.05), so say it again.
 # --kill-on-bad-exit: an agent that fails would otherwise leave the others stuck in a collective.
 srun --ntasks="$agents" --cpus-per-task="$(cpus_for_task)" --kill-on-bad-exit=1 \
-    "$LAUNCH_DIR/node_agent.sh" --nnodes="$agents" --max-restarts="${MAX_RESTARTS:-0}" \
+    "$LAUNCH_DIR/node_agent.sh" --nnodes="$agents" \
     --rdzv_backend=c10d --rdzv_endpoint="$rdzv_host:$rdzv_port" --rdzv_id="$SLURM_JOB_ID" \
     "$TRAIN_SCRIPT" "$@" &
 wait_until_exit $!

@@ -53,9 +53,10 @@ on_warning() {
     if [[ -n "$agent" ]]; then kill -USR1 "$agent" 2>/dev/null || true; fi
 }
 trap on_warning USR1
+trap on_slurm_term TERM
 
 # The job runs in the background and the shell waits: bash runs a trap only between commands.
-"$LAUNCH_DIR/node_agent.sh" --standalone --nnodes=1 --max-restarts="${MAX_RESTARTS:-0}" \
+"$LAUNCH_DIR/node_agent.sh" --standalone --nnodes=1 \
     "$TRAIN_SCRIPT" "$@" &
 agent=$!
 wait_until_exit "$agent"

@@ -1,7 +1,12 @@
 """Elastic restarts: a training process killed outright (SIGKILL: no handler, no checkpoint)
-under torchrun --max-restarts=1 makes torchrun restart the whole group, which resumes from the
+under torchrun --max-restarts makes torchrun restart the whole group, which resumes from the
 last checkpoint and completes the run. Runs the workstation script, launch/local.sh, on the
-CPU with two gloo processes."""
+CPU with two gloo processes.
+
+MAX_RESTARTS is 2, not 1: with restarts the launch scripts give every attempt its own store,
+and then a process may abort in C++ teardown after the run has completed (rank 0, which hosts
+the store, has already gone). The spare restart absorbs that, as it would in real use; the
+test reports it when it happens and checks that it resumed a finished run."""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm.trainrun import REPO, TINY_TRAINING, events, last_train_step, read_metrics, tail, training_env, wait_until
+from slurm.trainrun import (REPO, TINY_TRAINING, events, last_train_step, read_metrics, resumes, tail, training_env,
+                            wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -47,7 +53,7 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(tmp_path, capsys
     run_dir, out = tmp_path / "run", tmp_path / "torchrun.out"
     cmd = [str(REPO / "launch" / "local.sh"), *TINY_TRAINING, "--max-steps", str(MAX_STEPS),
            "--ckpt-every", str(CKPT_EVERY), "--output-dir", str(run_dir)]
-    env = training_env(NGPU="0", NPROC="2", MAX_RESTARTS="1")
+    env = training_env(NGPU="0", NPROC="2", MAX_RESTARTS="2")
     with out.open("w") as sink:
         # local.sh execs torchrun, so this pid is torchrun's and the training processes are its children.
         torchrun = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -74,8 +80,9 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(tmp_path, capsys
         f"torchrun never reported process {victim} as killed by SIGKILL\n{tail(out)}"
 
     metrics = read_metrics(run_dir)
-    resumed = events(metrics, "resumed")
+    resumed, after_completion = resumes(metrics, MAX_STEPS)
     assert len(resumed) == 1, f"expected one resume, got {resumed}\n{tail(out)}"
+    assert len(after_completion) <= 1, f"restarted after completion more than once\n{tail(out)}"
     from_step = resumed[0]["from_step"]
     # The restart began at a checkpoint written before the kill: the newest one we had seen, or one
     # finished between that look and the kill itself.
@@ -94,4 +101,6 @@ def test_killed_worker_is_restarted_and_resumes_from_checkpoint(tmp_path, capsys
     with capsys.disabled():
         print(f"\nelastic: SIGKILL to rank 0 (pid {victim}) at step {killed_at}; checkpoints seen {before_kill}; "
               f"resumed from step {from_step}, restart_count {resumed[0]['restart_count']}, "
-              f"final step {last_train_step(metrics)}, torchrun exit {status}")
+              f"final step {last_train_step(metrics)}, torchrun exit {status}"
+              + (f"; NOTE: a process crashed while exiting after the last step and torchrun restarted "
+                 f"the finished run once ({after_completion[0]})" if after_completion else ""))

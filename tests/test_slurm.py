@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from slurm.cluster import LocalSlurm, why_unavailable
-from slurm.trainrun import REPO, TINY_TRAINING, events, last_train_step, read_metrics, tail, wait_until
+from slurm.trainrun import REPO, TINY_TRAINING, events, last_train_step, read_metrics, resumes, tail, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,7 +35,7 @@ def _in_ci() -> bool:
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(request):
     reason = why_unavailable()
     if reason:
         if _in_ci():
@@ -42,12 +43,16 @@ def slurm():
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="densenet-slurm-"))
     cluster = LocalSlurm(root)
+    failed_before = request.session.testsfailed
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"\nSLURM configuration and daemon logs kept in {root}")
 
 
 @pytest.fixture
@@ -61,11 +66,13 @@ def job_info(slurm: LocalSlurm, job_id: int) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def submit(slurm: LocalSlurm, workdir: Path, script: str, sbatch_args: list[str], train_args: list[str]) -> int:
+def submit(slurm: LocalSlurm, workdir: Path, script: str, sbatch_args: list[str], train_args: list[str],
+           env: dict[str, str] | None = None) -> int:
     out = slurm.run(
         "sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/job-%j.out",
         # This cluster has no GPUs; the scripts ask for 8 by default.
         "--gpus-per-node=0", *sbatch_args, str(REPO / "launch" / script), *train_args,
+        env=env,
     )
     return int(out.stdout.strip().split(";")[0])
 
@@ -88,7 +95,11 @@ def preempt_and_finish(slurm: LocalSlurm, workdir: Path, job_id: int, run_dir: P
         return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
 
     wait_until(requeued, 120, "the job to requeue itself", explain)
-    # A requeued job waits about two minutes before it may start again; skip the wait.
+    # A requeued job waits about two minutes before it may start again. Skip most of the wait,
+    # but not all: slurmd revokes the old run's credential at the requeue, to the second, and
+    # refuses (for good: the job fails) a start within that same second.
+    wait_until(lambda: slurm.node_state() == "idle", 60, "the node to be idle again", explain)
+    time.sleep(2)
     slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
 
     def ended():
@@ -117,8 +128,10 @@ def check_preempted_run(result: dict) -> dict:
     assert "requeueing job" in log and "training stopped after the warning signal" in log, explain
 
     # The second start resumed from exactly that checkpoint, knowing it was restart 1.
-    resumed = events(metrics, "resumed")
+    # (With MAX_RESTARTS, torchrun may restart a finished run once more; see resumes().)
+    resumed, after_completion = resumes(metrics, MAX_STEPS)
     assert len(resumed) == 1, f"expected one resume, got {resumed}"
+    assert len(after_completion) <= 1, f"restarted after completion more than once: {after_completion}"
     assert resumed[0]["from_step"] == stop_step, f"resumed from {resumed[0]['from_step']}, saved {stop_step}"
     assert resumed[0]["restart_count"] == 1
     assert re.search(r"SLURM_RESTART_COUNT=1\b", log), "the launch script did not log the restart count"
@@ -132,8 +145,11 @@ def check_preempted_run(result: dict) -> dict:
     assert len(train_steps) == MAX_STEPS, "some step was logged twice"
     assert last_train_step(metrics) == MAX_STEPS
     assert "training finished" in log and "not requeueing" in log, explain
-    return {"signal": interrupted[0].get("signal"), "checkpoint_step": stop_step,
+    seen = {"signal": interrupted[0].get("signal"), "checkpoint_step": stop_step,
             "restart_count": resumed[0]["restart_count"], "final_step": last_train_step(metrics)}
+    if after_completion:
+        seen["restarted_after_completion"] = after_completion[0]
+    return seen
 
 
 def test_single_node_script_checkpoints_requeues_and_resumes(slurm, workdir, capsys):
@@ -150,12 +166,14 @@ def test_single_node_script_checkpoints_requeues_and_resumes(slurm, workdir, cap
 
 def test_multi_node_script_rendezvous_and_preemption(slurm, workdir, capsys):
     """Two torchrun agents (two SLURM tasks on the one node) meet through the c10d rendezvous the
-    script sets up on the first host; the warning reaches both through the signalling step."""
+    script sets up on the first host; the warning reaches both through the signalling step.
+    With MAX_RESTARTS=1 torchrun would restart the processes that stopped for the warning; the
+    node agents must stop it instead."""
     run_dir = workdir / "run"
     args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
             "--output-dir", str(run_dir)]
     job_id = submit(slurm, workdir, "slurm_multi_node.sh",
-                    ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], args)
+                    ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], args, env={"MAX_RESTARTS": "1"})
     seen = check_preempted_run(preempt_and_finish(slurm, workdir, job_id, run_dir))
     log = (workdir / f"job-{job_id}.out").read_text()
     port = 10000 + job_id % 20000
@@ -165,5 +183,6 @@ def test_multi_node_script_rendezvous_and_preemption(slurm, workdir, capsys):
     assert "on 2 x cpu (torchrun, gloo)" in log
     assert len(re.findall(r"SIGUSR1 sent to node agent \d+ \(agent\.[01]\.pid\)", log)) == 2, log
     assert log.count("SIGUSR1: passing it on to the training processes") == 2
+    assert log.count("stopping torchrun before it restarts them") == 2, log
     with capsys.disabled():
         print(f"\nmulti node (2 agents), job {job_id}: {seen}")

@@ -137,10 +137,17 @@ class LocalSlurm:
         extra = [d for d in SBIN_DIRS if d not in path.split(os.pathsep)]
         return dict(os.environ, SLURM_CONF=str(self.conf), PATH=os.pathsep.join([path, *extra]))
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Runs a SLURM client; ``env`` adds variables (sbatch hands them on to the job)."""
         return subprocess.run(
-            list(args), env=self.env, check=check, timeout=timeout, capture_output=True, text=True
+            list(args), env={**self.env, **(env or {})}, check=check, timeout=timeout,
+            capture_output=True, text=True,
         )
+
+    def node_state(self) -> str:
+        """sinfo's state of the node: idle, allocated, mixed, completing, down..."""
+        return self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20).stdout.strip()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> "LocalSlurm":
@@ -304,9 +311,8 @@ class LocalSlurm:
         deadline = time.monotonic() + timeout
         state = "?"
         while time.monotonic() < deadline:
-            out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20)
-            state = out.stdout.strip() or out.stderr.strip()
-            if out.returncode == 0 and state == "idle":
+            state = self.node_state()
+            if state == "idle":
                 return
             time.sleep(0.5)
         raise RuntimeError(

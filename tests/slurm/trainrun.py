@@ -49,6 +49,15 @@ def events(records: list[dict], name: str) -> list[dict]:
     return [r for r in records if r.get("kind") == "event" and r.get("event") == name]
 
 
+def resumes(records: list[dict], max_steps: int) -> tuple[list[dict], list[dict]]:
+    """"resumed" events split into those that continued training and those after the run was
+    already complete. The latter come from torchrun restarting processes that crashed while
+    exiting at the very end (a torch teardown race that MAX_RESTARTS absorbs, docs/launch.md)."""
+    every = events(records, "resumed")
+    return ([r for r in every if r["from_step"] < max_steps],
+            [r for r in every if r["from_step"] >= max_steps])
+
+
 def last_train_step(records: list[dict]) -> int:
     return max((r["step"] for r in records if r.get("kind") == "train"), default=0)
 
