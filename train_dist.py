@@ -108,7 +108,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
                                       workers=workers_for(cfg, info),
                                       rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                                       auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
-                                      pin_memory=pin_memory(cfg, info))
+                                      pin_memory=pin_memory(cfg, info), decode=cfg.decode, device=info.device)
     val_loader = eval_loader_for(cfg, root, info)
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     num_classes = cfg.num_classes or train_loader.num_classes
@@ -224,7 +224,8 @@ def describe_run(cfg: Config, info: DistInfo, log: RunLog, model: torch.nn.Modul
               f"amp {trainer.amp_dtype or 'off'}; channels_last {use_channels_last(cfg, info.device)}; "
               f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
               f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "
-              f"{train_loader.num_samples} train / {val_loader.num_samples} val images; "
+              f"{train_loader.num_samples} train / {val_loader.num_samples} val images, decoded by "
+              f"{'the loader workers' if cfg.decode == 'cpu' else info.device.type}; "
               f"{derived['steps_per_epoch']} steps per epoch")
 
 

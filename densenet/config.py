@@ -76,6 +76,9 @@ class Config:
     eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
     workers: Optional[int] = _opt(None, "data loader workers per training process (default: its share of the "
                                   "CPUs, at most 8)")
+    decode: str = _opt("cpu", "where training JPEGs are decoded: by the loader workers (cpu) or in batches on the "
+                       "training device (device: workers only read files; for nodes with few CPU cores per GPU)",
+                       ("cpu", "device"))
     auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5")
     random_erasing: float = _opt(0.0, "random erasing probability")
 

@@ -129,3 +129,22 @@ def test_compile_happens_once_across_epochs_evaluation_and_resume(tmp_path):
     count, shapes, log = run([])
     assert "resumed from" in log and "epoch 3/3 done" in log
     assert count == 1, f"expected one training graph after the resume, got {count}: {shapes}"
+
+
+@pytest.mark.slow
+def test_device_decode_trains_and_resumes_exactly(tmp_path):
+    """--decode device (here the CPU is the device): the workers only read files and draw the crops, the
+    training process decodes. A run stopped and resumed ends with the same weights as one in one go."""
+    from _train_util import assert_same_training_state, run
+
+    data = demo_root(tmp_path)
+    args = TINY + ["--data", str(data), "--decode", "device", "--deterministic", "--batch-size", "25",
+                   "--workers", "1", "--epochs", "2", "--ckpt-every", "0"]
+    one_go = run(args + ["--output-dir", str(tmp_path / "one"), "--max-steps", "6"])
+    assert one_go.returncode == 0, one_go.stdout
+    assert "decoded by cpu" in one_go.stdout
+    first = run(args + ["--output-dir", str(tmp_path / "two"), "--max-steps", "3"])
+    assert first.returncode == 0, first.stdout
+    second = run(args + ["--output-dir", str(tmp_path / "two"), "--max-steps", "6"])
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stdout
+    assert_same_training_state(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
