@@ -56,7 +56,9 @@ def stacked(batches):
 
 
 def test_contract_and_pixels_match_the_cpu_path(photos):
+    threads = torch.get_num_threads()
     loader, device_batches = epoch(photos, "device")
+    assert torch.get_num_threads() == threads  # the training step's setting is left as it was
     _, cpu_batches = epoch(photos, "cpu")
     assert len(device_batches) == len(loader) == 4
     images, targets, bad = device_batches[0]
