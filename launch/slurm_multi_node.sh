@@ -44,7 +44,7 @@ load_site
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 rdzv_host=${hosts[0]}
 rdzv_port=${RDZV_PORT:-$((10000 + SLURM_JOB_ID % 20000))}  # below Linux's ephemeral ports
-is_positive_int "$rdzv_port" || die "RDZV_PORT=$rdzv_port is not a port number"
+{ is_positive_int "$rdzv_port" && ((rdzv_port < 65536)); } || die "RDZV_PORT=$rdzv_port is not a port number"
 agents=$SLURM_NTASKS  # one per node, unless --ntasks-per-node says otherwise
 restart=${SLURM_RESTART_COUNT:-0}
 launch_log "job $SLURM_JOB_ID: SLURM_RESTART_COUNT=$restart, $agents torchrun agents on ${hosts[*]}, rendezvous at $rdzv_host:$rdzv_port"

@@ -186,3 +186,35 @@ def test_multi_node_script_rendezvous_and_preemption(slurm, workdir, capsys):
     assert log.count("stopping torchrun before it restarts them") == 2, log
     with capsys.disabled():
         print(f"\nmulti node (2 agents), job {job_id}: {seen}")
+
+
+def test_cancelled_job_checkpoints_and_stays_cancelled(slurm, workdir, capsys):
+    """scancel (like a time limit or a preemption without a warning signal) sends SIGTERM to every
+    process of the job. The batch shell must outlive the training so that it can checkpoint, and
+    must not requeue a job the user cancelled."""
+    run_dir = workdir / "run"
+    args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
+            "--output-dir", str(run_dir)]
+    job_id = submit(slurm, workdir, "slurm_single_node.sh", ["--cpus-per-task=2"], args)
+    log_path = workdir / f"job-{job_id}.out"
+
+    def explain() -> str:
+        return f"job: {job_info(slurm, job_id)}\n{tail(log_path)}"
+
+    wait_until(lambda: last_train_step(read_metrics(run_dir)) >= SIGNAL_AFTER_STEP, 180,
+               f"training to pass step {SIGNAL_AFTER_STEP}", explain)
+    slurm.run("scancel", str(job_id))
+    job = wait_until(lambda: (i := job_info(slurm, job_id))["JobState"] in ("CANCELLED", "COMPLETED", "FAILED")
+                     and i, 120, "the job to end", explain)
+    # The batch shell's last words come after the training's; give the log a moment to settle.
+    wait_until(lambda: "not requeueing" in log_path.read_text(), 30, "the batch shell's last line", explain)
+    log, metrics = log_path.read_text(errors="replace"), read_metrics(run_dir)
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", explain()
+    assert "SIGTERM: SLURM is ending the job" in log and "training stopped by SLURM's SIGTERM" in log, explain()
+    interrupted = events(metrics, "interrupted")
+    assert len(interrupted) == 1 and interrupted[0]["signal"] == 15, interrupted
+    assert SIGNAL_AFTER_STEP <= interrupted[0]["step"] < MAX_STEPS
+    assert not events(metrics, "resumed")
+    with capsys.disabled():
+        print(f"\nscancel, job {job_id}: checkpoint at step {interrupted[0]['step']} on signal "
+              f"{interrupted[0]['signal']}, state {job['JobState']}, restarts {job['Restarts']}")
