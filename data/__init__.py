@@ -9,7 +9,9 @@
         for images, targets, bad in train:    # uint8 [B,3,H,W], int64 [B], bool [B]
             ...
 
-See docs/data.md for layouts, shards, the demo data and the benchmark.
+``build_train_loader(..., decode="device", device=torch.device("cuda", local_rank))`` leaves JPEG
+decoding, cropping and resizing to the GPU, and its batches arrive there. See docs/data.md for
+layouts, shards, the device-decode mode, the demo data and the benchmark.
 """
 
 from importlib import import_module

@@ -88,6 +88,7 @@ class EncodedTrainTransform:
         self.transform = transform
 
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray | EncodedCrop:
+        data = None
         try:
             data = read_source(source)
             with open_image(data, name) as image:
@@ -96,9 +97,10 @@ class EncodedTrainTransform:
                     return EncodedCrop(data, crop, flip, self.transform.erasure(generator), name)
         except (OSError, UnreadableImage):
             pass  # the CPU path below raises its own error for it, naming the file
-        # Given the original source (a path is read again, from the page cache), the CPU path
-        # decodes, fails and complains exactly as it does in decode="cpu".
-        return self.transform(source, name, generator)
+        # A path is handed over as it is (read again, from the page cache), so that the CPU path
+        # decodes, fails and complains exactly as it does in decode="cpu"; a stream, as the bytes read.
+        by_path = isinstance(source, (str, os.PathLike)) or data is None
+        return self.transform(source if by_path else data, name, generator)
 
 
 @dataclass
