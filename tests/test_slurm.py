@@ -167,13 +167,13 @@ def test_single_node_script_checkpoints_requeues_and_resumes(slurm, workdir, cap
 def test_multi_node_script_rendezvous_and_preemption(slurm, workdir, capsys):
     """Two torchrun agents (two SLURM tasks on the one node) meet through the c10d rendezvous the
     script sets up on the first host; the warning reaches both through the signalling step.
-    With MAX_RESTARTS=1 torchrun would restart the processes that stopped for the warning; the
+    With MAX_RESTARTS=2 torchrun would restart the processes that stopped for the warning; the
     node agents must stop it instead."""
     run_dir = workdir / "run"
     args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
             "--output-dir", str(run_dir)]
     job_id = submit(slurm, workdir, "slurm_multi_node.sh",
-                    ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], args, env={"MAX_RESTARTS": "1"})
+                    ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], args, env={"MAX_RESTARTS": "2"})
     seen = check_preempted_run(preempt_and_finish(slurm, workdir, job_id, run_dir))
     log = (workdir / f"job-{job_id}.out").read_text()
     port = 10000 + job_id % 20000
