@@ -12,7 +12,7 @@ kernel's rounding (no ``Image.draft`` either: the device decodes at full size).
 
 Files the device should not see are decoded by the CPU path in the worker, with the same generator,
 so their pixels, replacements and ``bad`` flags are exactly the CPU path's: anything whose header
-does not say a baseline-decodable JPEG (CMYK, PNG saved as .JPEG, unreadable headers, zero-byte and
+does not say an RGB or greyscale JPEG (CMYK, PNG saved as .JPEG, unreadable headers, zero-byte and
 non-image files) and JPEGs without their end-of-image marker (truncated files). A file that passes
 these checks but that the device decoder still raises on is decoded on the CPU from its bytes, with
 the same crop and flip (identical to the CPU path's pixels), without losing the rest of the batch.
