@@ -28,19 +28,45 @@ __all__ = ["DenseNet", "create_model", "list_models", "densenet121", "densenet16
            "densenet161", "densenet_bc_100", "densenet_tiny"]
 
 
-def _batch_norm(norm: nn.BatchNorm2d, x: Tensor, update_stats: bool) -> Tensor:
-    """BatchNorm that can skip the running-statistics update.
+def _batch_norm(norm: nn.BatchNorm2d, x: Tensor, stats: Optional[list]) -> Tensor:
+    """BatchNorm whose running-statistics update can be applied after a checkpointed region.
 
-    A checkpointed layer runs its forward twice in training; the second (recomputing) run must
-    normalise with the same batch statistics but must not move the running averages again, or the
-    memory-efficient model would drift from the plain one.
+    A checkpointed layer runs its forward twice in training; the recomputation must perform exactly
+    the same operations (selective checkpointing matches them one by one) but must not move the
+    running averages a second time. So inside the region the statistics update goes to copies,
+    which the caller writes back once, after the original forward.
     """
-    if update_stats or not norm.training:
+    if stats is None or not norm.training or not norm.track_running_stats:
         return norm(x)
-    # The same kernel with throwaway copies of the statistics: checkpointing requires the recompute
-    # to save exactly the tensors the original forward saved.
-    return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-                        True, norm.momentum if norm.momentum is not None else 0.0, norm.eps)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked + 1)
+    stats.append((norm, mean, var))
+    return F.batch_norm(x, mean, var, norm.weight, norm.bias, True, momentum, norm.eps)
+
+
+def _commit_statistics(stats: list) -> None:
+    with torch.no_grad():
+        for norm, mean, var in stats:
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.num_batches_tracked.add_(1)
+    stats.clear()
+
+
+def _keep_3x3_output(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: keep the 3x3 convolution's output, recompute everything else.
+
+    That output is the layer's new features, which the following layers keep alive anyway, so
+    keeping it costs no memory; it spares the recomputation the layer's most expensive convolution
+    in the early, high-resolution blocks (only its input is needed for its backward pass).
+    """
+    if op is torch.ops.aten.convolution.default and args[1].shape[-2:] == (3, 3):
+        return cp.CheckpointPolicy.MUST_SAVE
+    return cp.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_layer_output():
+    return cp.create_selective_checkpoint_contexts(_keep_3x3_output)
 
 
 class _DenseLayer(nn.Module):
@@ -59,19 +85,20 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def _compute(self, first_pass: List[bool], *prev_features: Tensor) -> Tensor:
-        update = first_pass[0]
-        first_pass[0] = False
+    def _compute(self, stats: Optional[list], *prev_features: Tensor) -> Tensor:
         # torch.cat keeps channels_last when every input is channels_last, so the layout survives.
         x = torch.cat(prev_features, 1) if len(prev_features) > 1 else prev_features[0]
-        x = self.conv1(self.relu1(_batch_norm(self.norm1, x, update)))
-        return self.conv2(self.relu2(_batch_norm(self.norm2, x, update)))
+        x = self.conv1(self.relu1(_batch_norm(self.norm1, x, stats)))
+        return self.conv2(self.relu2(_batch_norm(self.norm2, x, stats)))
 
     def forward(self, prev_features: Sequence[Tensor]) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in prev_features):
-            new = cp.checkpoint(self._compute, [True], *prev_features, use_reentrant=False)
+            stats: list = []
+            new = cp.checkpoint(self._compute, stats, *prev_features, use_reentrant=False,
+                                context_fn=_keep_layer_output)
+            _commit_statistics(stats)
         else:
-            new = self._compute([True], *prev_features)
+            new = self._compute(None, *prev_features)
         if self.drop_rate > 0:
             new = F.dropout(new, p=self.drop_rate, training=self.training)
         return new
