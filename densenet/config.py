@@ -93,6 +93,8 @@ class Config:
                                  "off under --deterministic)")
     tf32: bool = _opt(True, "TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later)")
     pin_memory: bool = _opt(True, "page-locked loader batches, copied to the GPU without blocking (CUDA)")
+    cpu_keep_memory: bool = _opt(True, "on the CPU, keep freed memory in the process rather than hand it back to "
+                                 "the OS and fault it in again at the next step (glibc)")
     optimizer_impl: str = _opt("auto", "optimizer kernels: auto = fused on CUDA, PyTorch's choice elsewhere",
                                ("auto", "fused", "foreach", "loop"))
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across processes (CUDA)")

@@ -46,7 +46,32 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process; True if it accepted.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and returns it to the
+    OS when freed, and trims the heap's free top: a CPU training step of DenseNet-121 at 224 px
+    allocates and frees several GiB of activations, so every step faults all of them in again
+    (about 2 million page faults per step at batch 32, measured: ~30% of the step time on a
+    2-core machine). Serving everything from the heap and never trimming it lets the next step
+    reuse the same pages; the process keeps its peak footprint, as a caching allocator would.
+    Other C libraries (musl, macOS) are left alone.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    # A threshold of -1 reaches glibc as the largest size_t: the heap top is never trimmed.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+
+
 def configure_backends(cfg: Config, device: torch.device) -> None:
+    if device.type == "cpu" and cfg.cpu_keep_memory:
+        keep_freed_memory()
     if cfg.deterministic:
         # Exact on the CPU. On CUDA a few backward kernels (adaptive average pooling among them) have no
         # deterministic version: warn about them rather than refuse to train.
@@ -334,8 +359,28 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self, loader: Any, model: Optional[nn.Module] = None) -> EvalResult:
-        return evaluate(model if model is not None else self.model, loader, info=self.info,
-                        normalize=self.normalize, amp_dtype=self.amp_dtype)
+        model = model if model is not None else self.model
+        average_batchnorm_statistics(model, self.info)
+        return evaluate(model, loader, info=self.info, normalize=self.normalize, amp_dtype=self.amp_dtype)
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank the mean of the ranks' BN running statistics.
+
+    Each rank updates its running averages from its own batches (DDP only broadcasts rank 0's
+    buffers before each training forward), so without this every rank would evaluate a slightly
+    different network, and none of them exactly the one rank 0 then writes to the checkpoint.
+    """
+    if not info.is_distributed:
+        return
+    stats = [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    if not stats:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in stats])
+    all_reduce(flat, info).div_(info.world_size)
+    for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+        b.copy_(mean.view_as(b))
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ flags it sets for CUDA, and torch.compile compiling the training model once per 
 epochs, evaluations and a resume."""
 from __future__ import annotations
 
+import ast
 import copy
 import re
 import subprocess
@@ -85,6 +86,36 @@ def test_pinned_batches_only_for_cuda():
     cfg = parse_config(["--data", "demo"])
     assert not train_dist.pin_memory(cfg, cpu) and train_dist.pin_memory(cfg, cuda)
     assert not train_dist.pin_memory(parse_config(["--data", "demo", "--no-pin-memory"]), cuda)
+
+
+FAULTS = textwrap.dedent("""
+    import resource, sys, torch
+    from densenet.config import parse_config
+    from densenet.engine import configure_backends
+    configure_backends(parse_config(["--data", "demo", *sys.argv[1:]]), torch.device("cpu"))
+    faults = []
+    for _ in range(10):  # a training step's pattern in miniature: activations of several sizes, all freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        # all above 32 MiB, the most glibc's adaptive threshold ever serves from its heap
+        activations = [torch.empty(mib * 2**18).fill_(1.0) for mib in (40, 100, 60, 150)]
+        del activations
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(faults)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is glibc's")
+def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
+    def faults(*flags):
+        proc = subprocess.run([sys.executable, "-c", FAULTS, *flags], cwd=REPO, env=env(), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+
+    pages = 350 * 2**20 // 4096  # what one pass touches
+    kept, returned = faults(), faults("--no-cpu-keep-memory")
+    assert all(n > pages // 2 for n in returned[-3:]), returned  # glibc's default: every pass faults again
+    assert sum(kept[-3:]) < pages // 100, kept  # kept: after a few passes the heap is reused as it is
 
 
 # A backend that records each graph torch.compile hands it and runs the graph as captured: Dynamo's
