@@ -31,7 +31,8 @@ def test_loader_benchmark_measures_the_reference_and_both_decode_modes(tmp_path)
     assert "vs torchvision" in run.stdout and "load average" in run.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["torchvision", "ours (cpu decode)", "ours (device decode)"]
-    assert all(r["images_per_s"] > 0 and r["total_cpu_ms_per_image"] > 0 for r in rows)
+    # CPU time is read in clock ticks: a few tiny batches can round to zero, never below it.
+    assert all(r["images_per_s"] > 0 and r["total_cpu_ms_per_image"] >= 0 for r in rows)
     assert rows[0]["speed_ratio"] == 1.0 and sum(rows[2]["decoded_last_run"].values()) == 3 * 4
     assert len(list((tree / "train").iterdir())) == 10  # --make-tree keeps the tree: 10 classes
 
