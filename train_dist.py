@@ -29,8 +29,8 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loade
 from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress, capture_rng_state,
                                  find_latest_valid, load_checkpoint, restore_rng_state)
 from densenet.config import Config, ConfigError, config_changes, config_to_dict, parse_config, save_config
-from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, default_workers, gather_objects,
-                                  init_distributed, shutdown)
+from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, default_workers,
+                                  exit_without_teardown, gather_objects, init_distributed, shutdown)
 from densenet.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate, prepare_model,
                              resolve_amp, seed_all, use_channels_last)
 from densenet.metrics_log import RunLog
@@ -310,4 +310,9 @@ def stop_nonfinite(progress: Progress, loss: float, run_dir: Path, log: RunLog, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_NONFINITE):
+        # The run has closed its logs, W&B run and checkpoints: leave without the interpreter's
+        # teardown, in which torch's C++ runtime now and then aborts after a completed run.
+        exit_without_teardown(code)
+    sys.exit(code)

@@ -117,3 +117,46 @@ def test_signal_handling_in_a_real_process():
     assert proc.returncode == 128 + 2, proc.stderr
     assert "still running" in proc.stdout and "not reached" not in proc.stdout
     assert "received SIGUSR1" in proc.stderr and "second signal SIGINT: exiting now" in proc.stderr
+
+
+def test_exit_without_teardown_flushes_and_stops_loader_workers(tmp_path):
+    """After a run with a gloo process group and persistent loader workers, the trainer leaves
+    without the interpreter's teardown: the exit code and unflushed output survive, and no loader
+    worker outlives the process."""
+    script = textwrap.dedent("""
+        import os, socket, sys
+        sys.path.insert(0, sys.argv[1])
+        import torch, torch.distributed as dist
+        from densenet.distributed import exit_without_teardown
+
+        def run():
+            sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            data = torch.utils.data.TensorDataset(torch.arange(16.0))
+            loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, persistent_workers=True)
+            batch = next(iter(loader))[0]
+            dist.all_reduce(batch)
+            pids = [w.pid for w in loader._iterator._workers]
+            open(sys.argv[2], "w").write(" ".join(map(str, pids)))
+            dist.destroy_process_group()
+            print(f"sum {int(batch.sum())}")  # not flushed: stdout is a pipe here
+
+        run()
+        exit_without_teardown(3)
+    """)
+    pid_file = tmp_path / "workers"
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO), str(pid_file)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.strip() == "sum 6", proc.stdout
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert not any(alive(pid) for pid in pids), "a loader worker outlived the process"
