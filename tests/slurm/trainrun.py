@@ -51,8 +51,8 @@ def events(records: list[dict], name: str) -> list[dict]:
 
 def resumes(records: list[dict], max_steps: int) -> tuple[list[dict], list[dict]]:
     """"resumed" events split into those that continued training and those after the run was
-    already complete. The latter come from torchrun restarting processes that crashed while
-    exiting at the very end (a torch teardown race that MAX_RESTARTS absorbs, docs/launch.md)."""
+    already complete; the latter mean a process failed after the last step and torchrun (with
+    MAX_RESTARTS) restarted the finished run."""
     every = events(records, "resumed")
     return ([r for r in every if r["from_step"] < max_steps],
             [r for r in every if r["from_step"] >= max_steps])
