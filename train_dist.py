@@ -173,7 +173,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
     while not finished():
         stats = trainer.train_epoch(train_loader, progress, stop, on_checkpoint=lambda: save(epoch_end=False))
         if stats.end is EpochEnd.NONFINITE:
-            return stop_nonfinite(progress, stats.extra["step_loss"], run_dir, log, wandb)
+            return stop_nonfinite(progress, stats.extra["step"], stats.extra["step_loss"], run_dir, log, wandb)
         if stats.end is EpochEnd.SIGNAL:
             save(epoch_end=False)
             return exit_interrupted(stats.signal, stop, log, wandb, progress)
@@ -295,15 +295,15 @@ def exit_interrupted(signum: int, stop: StopRequest, log: RunLog, wandb: Any, pr
     return EXIT_INTERRUPTED
 
 
-def stop_nonfinite(progress: Progress, loss: float, run_dir: Path, log: RunLog, wandb: Any) -> int:
+def stop_nonfinite(progress: Progress, bad_step: int, loss: float, run_dir: Path, log: RunLog, wandb: Any) -> int:
     last = run_dir / "last.pt"
     kept = f"the last good checkpoint {last} was left as it was" if last.exists() else "no checkpoint was saved yet"
-    message = (f"error: the training loss became {loss} at step {progress.global_step + 1} "
+    message = (f"error: the training loss became {loss} at step {bad_step} "
                f"(epoch {progress.epoch + 1}); stopping without saving: {kept}. "
                "Try a lower --lr, --grad-clip, or --amp bf16 instead of fp16.")
     if log.is_main:
         print(message, file=sys.stderr, flush=True)
-    log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="nonfinite_loss", loss=str(loss))
+    log.record("event", epoch=progress.epoch + 1, step=bad_step, event="nonfinite_loss", loss=str(loss))
     wandb.finish(EXIT_NONFINITE)
     log.close()
     return EXIT_NONFINITE

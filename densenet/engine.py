@@ -4,7 +4,9 @@ uint8 batches arrive from the data loader; here they are copied to the device wi
 normalised there, optionally mixed (timm's Mixup), and run under autocast. Gradients of
 ``accum_steps`` micro-batches are accumulated with DDP's ``no_sync`` so only the last one
 all-reduces. After every optimizer step all ranks agree in one tiny all-reduce whether to stop
-(a signal on any rank, or a non-finite loss), so they always stop at the same step.
+(a signal on any rank, or a non-finite loss), so they always stop at the same step. The host reads
+that verdict one step late (``StopAgreement``): by then the GPU has the next step queued, so the
+host never waits for an idle device; before a checkpoint and at the epoch's end it reads at once.
 """
 from __future__ import annotations
 
@@ -40,10 +42,24 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return auto_amp_dtype(native_bf16(device))
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("amp: fp16 needs CUDA; use --amp bf16 or --amp off on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bfloat16 natively. Plain ``is_bf16_supported()`` also says yes
+    where bf16 is only emulated (Volta, Turing), which would run every layer several times slower."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: ask the hardware
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def auto_amp_dtype(bf16_is_native: bool) -> torch.dtype:
+    """--amp auto on CUDA: bf16 where it is native (no loss scaling needed), else fp16."""
+    return torch.bfloat16 if bf16_is_native else torch.float16
 
 
 def keep_freed_memory() -> bool:
@@ -158,6 +174,61 @@ class EpochStats:
     seconds: float = 0.0
     signal: int = 0  # the stop signal's number (the largest, if ranks received different ones)
     extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What all ranks agreed after optimizer step number ``step`` (1-based)."""
+    step: int
+    signal: int  # the largest stop signal any rank had received by then, or 0
+    nonfinite: bool  # the loss of that step was NaN or infinite on some rank
+    loss: Optional[torch.Tensor]  # this rank's loss of that step, kept to report it
+
+
+class StopAgreement:
+    """The per-step agreement of all ranks on whether to stop, read by the host one step late.
+
+    The flags are built on the device (a fill, no copy from pageable host memory), all-reduced there,
+    and copied to pinned host memory behind an event. ``post`` queues step k's flags and returns the
+    verdict of step k-1: waiting for its event costs nothing, since the device finished step k-1
+    before it started the step now queued behind it. ``flush`` returns step k's verdict at once, for
+    the steps after which something is written or the loop ends, so no checkpoint ever holds the
+    weights of a non-finite step. On the CPU everything is synchronous and the lateness is the same,
+    so the order of events is what it is on a GPU.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self._pending: Optional[tuple] = None  # (step, host flags, event, loss)
+
+    def post(self, step: int, signum: int, step_loss: torch.Tensor) -> Optional[Verdict]:
+        device = self.info.device
+        flags = torch.stack([torch.full((), float(signum), dtype=torch.float64, device=device),
+                             (~torch.isfinite(step_loss)).double()])
+        all_reduce(flags, self.info, op="max")  # any rank's signal counts
+        event = None
+        if device.type == "cuda":
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flags = host
+        previous, self._pending = self._pending, (step, flags, event, step_loss)
+        return self._read(previous)
+
+    def flush(self) -> Optional[Verdict]:
+        pending, self._pending = self._pending, None
+        return self._read(pending)
+
+    @staticmethod
+    def _read(pending: Optional[tuple]) -> Optional[Verdict]:
+        if pending is None:
+            return None
+        step, flags, event, loss = pending
+        if event is not None:
+            event.synchronize()
+        signal, nonfinite = flags.tolist()
+        return Verdict(step, int(signal), bool(nonfinite), loss)
 
 
 class Trainer:
@@ -285,7 +356,8 @@ class Trainer:
         window_loss = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum, count), no per-step sync
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
         bad = 0
-        end, stop_signal = EpochEnd.COMPLETE, 0.0
+        end, stop_signal = EpochEnd.COMPLETE, 0
+        agreement = StopAgreement(self.info)
         batches = iter(loader)
         for step_in_epoch in range(first_step, steps_per_epoch):
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -297,35 +369,50 @@ class Trainer:
                     raise RuntimeError(f"the training loader ended after batch {step_in_epoch * accum + micro} of "
                                        f"epoch {progress.epoch + 1}, but its len() promised {len(loader)}") from None
                 timer.add_data(time.perf_counter() - t0, images.shape[0])
-                bad += int(bad_mask.sum())
+                bad += int(bad_mask.sum())  # a host tensor: counted without the device
                 step_loss += self._forward_backward(images, targets, sync=micro == accum - 1).double()
             self._optimizer_step(progress.global_step)
             timer.end_step()
             step_loss /= accum
-            flags = torch.stack([torch.tensor(float(stop.signum or 0), device=self.device, dtype=torch.float64),
-                                 (~torch.isfinite(step_loss)).double()])
-            stop_signal, nonfinite = all_reduce(flags, self.info, op="max").tolist()  # any rank's signal counts
-            if nonfinite:
-                return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": step_loss.item()})
             progress.global_step += 1
             progress.batch_in_epoch = (step_in_epoch + 1) * accum
             window_loss += torch.stack([step_loss, torch.ones_like(step_loss)])
             epoch_loss += torch.stack([step_loss, torch.ones_like(step_loss)])
+            last = step_in_epoch + 1 == steps_per_epoch
+            max_reached = cfg.max_steps is not None and progress.global_step >= cfg.max_steps
+            checkpoint_due = bool(cfg.ckpt_every) and progress.global_step % cfg.ckpt_every == 0 and not last
+            verdict = agreement.post(progress.global_step, stop.signum or 0, step_loss)
+            if checkpoint_due or last or max_reached or (verdict is not None and verdict.nonfinite):
+                verdict = self._worst(verdict, agreement.flush())
+            if verdict is not None and verdict.nonfinite:
+                return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": verdict.loss.item(), "step": verdict.step})
             if progress.global_step % cfg.log_every == 0:
                 self._log_window(progress, step_in_epoch + 1, steps_per_epoch, timer, window_loss)
                 window_loss.zero_()
-            if stop_signal:
-                end = EpochEnd.SIGNAL
+            if verdict is not None and verdict.signal:
+                end, stop_signal = EpochEnd.SIGNAL, verdict.signal
                 break
-            if cfg.max_steps is not None and progress.global_step >= cfg.max_steps:
+            if max_reached:
                 end = EpochEnd.MAX_STEPS
                 break
-            if cfg.ckpt_every and progress.global_step % cfg.ckpt_every == 0 and step_in_epoch + 1 < steps_per_epoch:
+            if checkpoint_due:
                 on_checkpoint()
         totals = all_reduce(torch.cat([epoch_loss, torch.tensor([float(bad)], device=self.device,
                                                                 dtype=torch.float64)]), self.info).tolist()
         return EpochStats(end, loss=totals[0] / max(totals[1], 1), bad_samples=int(totals[2]),
-                          seconds=time.perf_counter() - started, signal=int(stop_signal))
+                          seconds=time.perf_counter() - started, signal=stop_signal)
+
+    @staticmethod
+    def _worst(earlier: Optional[Verdict], later: Optional[Verdict]) -> Optional[Verdict]:
+        """Of two consecutive verdicts, the one to act on: the first non-finite step, else the later
+        verdict carrying the earlier signal if the later has none."""
+        if earlier is None or later is None:
+            return later or earlier
+        if earlier.nonfinite:
+            return earlier
+        if later.nonfinite or later.signal:
+            return later
+        return Verdict(later.step, earlier.signal, False, later.loss) if earlier.signal else later
 
     def _log_window(self, progress: Progress, step_in_epoch: int, steps_per_epoch: int, timer: StepTimer,
                     window_loss: torch.Tensor) -> None:
@@ -394,7 +481,8 @@ def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: Device
     device = info.device
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, loss, count, bad
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, loss
+    count = bad = 0  # counted on the host, from host tensors: no copy to the device per batch
     criterion = nn.CrossEntropyLoss(reduction="sum")
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for images, targets, bad_mask in loader:
@@ -405,11 +493,13 @@ def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: Device
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y.unsqueeze(1))
-        counts = torch.tensor([float(y.numel()), float(bad_mask.sum())], dtype=torch.float64, device=device)
         sums += torch.cat([torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double(),
-                           criterion(logits, y).double().view(1), counts])
+                           criterion(logits, y).double().view(1)])
+        count += targets.numel()
+        bad += int(bad_mask.sum())
     model.train(was_training)
-    top1, top5, loss, count, bad = all_reduce(sums, info).tolist()
+    totals = torch.cat([sums, torch.tensor([float(count), float(bad)], dtype=torch.float64, device=device)])
+    top1, top5, loss, count, bad = all_reduce(totals, info).tolist()
     if int(count) != loader.num_samples:
         raise RuntimeError(f"evaluation saw {int(count)} images across ranks but the validation set has "
                            f"{loader.num_samples}; the evaluation loader must visit every image exactly once")

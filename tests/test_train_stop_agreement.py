@@ -1,0 +1,121 @@
+"""The per-step stop agreement read one step late, in the real trainer on the CPU: a signal stops the
+run one step after the step it arrived in, a non-finite loss is caught before any checkpoint holds
+its weights, and --amp auto picks fp16 where bf16 would only be emulated. On a GPU the same order
+of events means no host wait per step (the GPU check counts the syncs)."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+from densenet import create_model
+from densenet.checkpoint import Progress
+from densenet.config import config_from_dict
+from densenet.distributed import DistInfo
+from densenet.engine import EpochEnd, StopAgreement, Trainer, auto_amp_dtype, prepare_model
+from densenet.metrics_log import RunLog
+from densenet.optim import LRSchedule, build_optimizer
+from densenet.signals import StopRequest
+from densenet.wandb_run import WandbRun
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
+BATCHES = 8
+
+
+class Batches:
+    """The loader interface train_epoch uses, over fixed random uint8 batches; ``on_batch(i)`` runs as
+    batch i is handed out, while the previous step's work is done."""
+
+    def __init__(self, on_batch=lambda i: None, batch=4, size=32):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (BATCHES, batch, 3, size, size), dtype=torch.uint8, generator=g)
+        self.targets = torch.randint(0, 10, (BATCHES, batch), generator=g)
+        self.on_batch = on_batch
+        self.start = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
+
+    def __len__(self):
+        return BATCHES
+
+    def __iter__(self):
+        for i in range(self.start, BATCHES):
+            self.on_batch(i)
+            yield self.images[i], self.targets[i], torch.zeros(self.targets.shape[1], dtype=torch.bool)
+
+
+def trainer(**overrides):
+    cfg = config_from_dict({"data": "none", "arch": "densenet_tiny", "batch_size": 4, "image_size": 32,
+                            "log_every": 10**6, "wandb": "disabled", "device": "cpu", "workers": 0, **overrides})
+    torch.manual_seed(0)
+    model = prepare_model(create_model("densenet_tiny", num_classes=10), cfg, CPU)
+    optimizer = build_optimizer(model, cfg, lr=0.05)
+    return Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.05, BATCHES), cfg, CPU, num_classes=10,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
+
+
+def test_verdicts_come_one_step_late_unless_flushed():
+    agreement = StopAgreement(CPU)
+    finite, nan = torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("nan"), dtype=torch.float64)
+    assert agreement.post(1, 0, finite) is None
+    first = agreement.post(2, signal.SIGTERM, finite)
+    assert (first.step, first.signal, first.nonfinite) == (1, 0, False)
+    second = agreement.flush()
+    assert (second.step, second.signal, second.nonfinite) == (2, int(signal.SIGTERM), False)
+    assert agreement.flush() is None
+    agreement.post(3, 0, nan)
+    assert agreement.post(4, 0, finite).nonfinite
+
+
+def test_a_signal_stops_the_epoch_one_step_after_it_arrived():
+    stop = StopRequest()
+
+    def signal_during(i):
+        if i == 3:  # as step 4's batch is fetched: step 4's flags carry the signal, read after step 5
+            stop.signum = signal.SIGUSR1
+
+    progress = Progress(world_size=1, batch_size=4)
+    stats = trainer().train_epoch(Batches(signal_during), progress, stop, on_checkpoint=lambda: None)
+    assert stats.end is EpochEnd.SIGNAL and stats.signal == signal.SIGUSR1
+    assert progress.global_step == 5 and progress.batch_in_epoch == 5
+
+
+def test_a_signal_before_a_checkpoint_is_acted_on_at_that_step():
+    stop = StopRequest()
+    saved = []
+
+    def signal_during(i):
+        if i == 3:
+            stop.signum = signal.SIGTERM
+
+    progress = Progress(world_size=1, batch_size=4)
+    stats = trainer(ckpt_every=4).train_epoch(Batches(signal_during), progress, stop,
+                                              on_checkpoint=lambda: saved.append(progress.global_step))
+    # step 4 is a checkpoint step: its verdict is read at once, and the trainer's caller saves
+    assert stats.end is EpochEnd.SIGNAL and progress.global_step == 4 and saved == []
+
+
+@pytest.mark.parametrize("ckpt_every", [2, 3])
+def test_no_checkpoint_is_written_after_a_nonfinite_step(ckpt_every):
+    t = trainer(ckpt_every=ckpt_every)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output  # the loss of step 3 is NaN
+
+    t.model.register_forward_hook(poison)
+    saved = []
+    progress = Progress(world_size=1, batch_size=4)
+    stats = t.train_epoch(Batches(), progress, StopRequest(), on_checkpoint=lambda: saved.append(progress.global_step))
+    assert stats.end is EpochEnd.NONFINITE and stats.extra["step"] == 3
+    assert stats.extra["step_loss"] != stats.extra["step_loss"]  # NaN
+    assert saved == ([2] if ckpt_every == 2 else [])  # never a checkpoint at or after step 3
+
+
+def test_amp_auto_takes_fp16_where_bf16_is_emulated():
+    assert auto_amp_dtype(True) is torch.bfloat16
+    assert auto_amp_dtype(False) is torch.float16
