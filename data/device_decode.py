@@ -1,35 +1,48 @@
 """Training batches decoded on the device: workers read the encoded bytes and draw each sample's
-crop; the device (a GPU, through nvjpeg) decodes the batch and crops, resizes and flips it there.
+crop; the device (a GPU, through nvJPEG) decodes the batch and crops, resizes and flips it there.
 
 With about two CPU cores per GPU, decoding JPEG on the CPU cannot keep a modern GPU busy with
 DenseNet-121. In this mode a worker does per sample only what needs no pixels: read the file, parse
 its header (PIL, no decode), and draw the crop box, flip and random-erasing rectangle from the
-sample's key exactly as the CPU path does (``TrainTransform.crop`` / ``.erasure``). The main process
-hands the batch's bytes to ``torchvision.io.decode_jpeg(list, device=...)`` and finishes on the
-device: crop, antialiased resize (same interpolation), flip, erasing. The same keys give the same
-crop boxes, flips and erasures as the CPU path; pixels differ only by the decoder and the resize
-kernel's rounding (no ``Image.draft`` either: the device decodes at full size).
+sample's key exactly as the CPU path does (``TrainTransform.crop`` / ``.erasure``). A thread of the
+training process decodes each batch on the device, a few batches ahead of the training step and on
+its own CUDA stream, and finishes it there: crop, antialiased resize (same interpolation), flip,
+erasing. The same keys give the same crop boxes, flips and erasures as the CPU path; pixels differ
+only by the decoder and the resize kernel's rounding (no ``Image.draft`` either: the device decodes
+at full size).
+
+The decoder is torchcodec's ``decode_jpeg`` (the successor of torchvision's image decoders, which
+are deprecated from torchvision 0.29), or torchvision's where torchcodec is not installed. Neither is
+trusted to order its writes against the caller's stream (torchvision's nvJPEG path does not; nvJPEG's
+hardware engine is reported not to either), so the ordering is ours (``DecodeAhead``): the thread's
+stream serves only the decoder, every earlier decode on it has finished (a host wait in the thread,
+not in the training loop) before the next call, so the allocator never hands the decoder a block that
+queued kernels still read, and each finished batch reaches the training stream through an event and
+``record_stream``, so its memory is not reused while the training step still reads it.
 
 Files the device should not see are decoded by the CPU path in the worker, with the same generator,
 so their pixels, replacements and ``bad`` flags are exactly the CPU path's: anything whose header
-does not say an RGB or greyscale JPEG (CMYK, PNG saved as .JPEG, unreadable headers, zero-byte and
-non-image files) and JPEGs without their end-of-image marker (truncated files). A file that passes
-these checks but that the device decoder still raises on is decoded on the CPU from its bytes, with
-the same crop and flip (identical to the CPU path's pixels), without losing the rest of the batch.
-If the CPU cannot decode it either, it is replaced by another image of the same batch (rather than
-the CPU path's random draw), flagged ``bad`` and logged like every unreadable file.
+does not say a baseline RGB or greyscale JPEG (CMYK, progressive, PNG saved as .JPEG, unreadable
+headers, zero-byte and non-image files) and JPEGs without their end-of-image marker (truncated
+files). A file that passes these checks but that the device decoder still raises on is decoded on
+the CPU from its bytes, with the same crop and flip (identical to the CPU path's pixels), without
+losing the rest of the batch. If the CPU cannot decode it either, it is replaced by another image of
+the same batch (rather than the CPU path's random draw), flagged ``bad`` and logged like every
+unreadable file.
 
-The same code runs with ``device="cpu"`` (torchvision's CPU decoder), which is how it is tested.
+The same code runs with ``device="cpu"`` (the decoders' CPU path), which is how it is tested.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -49,8 +62,12 @@ JPEG_EOI = b"\xff\xd9"
 EOI_TAIL = 64
 
 # torchvision 0.29 deprecates its image decoders (in favour of torchcodec) and warns on every call;
-# decode_jpeg is still what reaches nvjpeg, in every torchvision this project supports.
+# they are used only where torchcodec is not installed.
 _DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+# How many finished batches the decode thread keeps ready: one being trained on, one waiting, one
+# being decoded covers a step's jitter; each costs a batch of uint8 images in device memory.
+DECODE_AHEAD = 2
 
 
 class EncodedCrop(NamedTuple):
@@ -62,9 +79,18 @@ class EncodedCrop(NamedTuple):
     name: str
 
 
-def device_decodable(image_format: str | None, mode: str, data: bytes) -> bool:
-    """A JPEG in a colour model the device decoders convert to RGB, and not cut short."""
-    return image_format == "JPEG" and mode in ("RGB", "L") and JPEG_EOI in data[-EOI_TAIL:]
+def device_decodable(image_format: str | None, mode: str, data: bytes, progressive: bool = False) -> bool:
+    """A baseline JPEG in a colour model the device decoders convert to RGB, and not cut short.
+
+    Progressive JPEGs are left to the workers: nvJPEG's hardware engine takes baseline files only,
+    and its software path would decode them on the training process's CPU instead."""
+    return (image_format == "JPEG" and mode in ("RGB", "L") and not progressive
+            and JPEG_EOI in data[-EOI_TAIL:])
+
+
+def is_progressive(image: Any) -> bool:
+    """What PIL's JPEG header parser says of a file (no pixels decoded)."""
+    return bool(image.info.get("progressive") or image.info.get("progression"))
 
 
 def read_source(source: Source) -> bytes:
@@ -92,7 +118,7 @@ class EncodedTrainTransform:
         try:
             data = read_source(source)
             with open_image(data, name) as image:
-                if device_decodable(image.format, image.mode, data):
+                if device_decodable(image.format, image.mode, data, is_progressive(image)):
                     crop, flip = self.transform.crop(*image.size, generator)
                     return EncodedCrop(data, crop, flip, self.transform.erasure(generator), name)
         except (OSError, UnreadableImage):
@@ -149,19 +175,51 @@ def _quiet_decoder() -> Iterator[None]:
 
 
 @contextmanager
-def _one_thread_on_the_cpu(device: torch.device) -> Iterator[None]:
-    """On the CPU device, run the per-image work on one intra-op thread: the ops are small, and the
-    pool's threads cost more in waking and spinning than they save (12x slower on a busy 2-core
-    machine). The caller's setting, which the training step uses, is put back afterwards."""
-    if device.type != "cpu":
+def _no_uninitialized_fill(device: torch.device) -> Iterator[None]:
+    """Under ``torch.use_deterministic_algorithms`` PyTorch fills every new CUDA tensor with a kernel
+    on the current stream; the decoder allocates its outputs and writes them from a stream of its own,
+    so the fill could land after the pixels. Nothing here reads memory before writing it, so the fill
+    is switched off around the decoder's call (a global switch: at worst another thread's allocation
+    goes unfilled meanwhile, which changes no result)."""
+    deterministic = getattr(torch.utils, "deterministic", None)
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled() or deterministic is None \
+            or not hasattr(deterministic, "fill_uninitialized_memory"):
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        deterministic.fill_uninitialized_memory = previous
+
+
+JPEG_BACKENDS = ("auto", "torchcodec", "torchvision")
+
+
+def jpeg_decoder(backend: str = "auto") -> tuple[str, Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]]:
+    """(name, decode): ``decode(files, device)`` turns 1-d uint8 CPU tensors of JPEG bytes into
+    3 x H x W uint8 RGB tensors on ``device``, or raises if any file fails. torchcodec where it is
+    installed (``auto``), torchvision's deprecated decoder otherwise."""
+    if backend not in JPEG_BACKENDS:
+        raise ValueError(f"JPEG decoder {backend!r} is not one of {JPEG_BACKENDS}")
+    if backend in ("auto", "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg as codec_decode_jpeg
+        except (ImportError, OSError, RuntimeError) as err:  # not installed, or built for another torch
+            if backend == "torchcodec":
+                raise RuntimeError(f"torchcodec's JPEG decoder cannot be loaded ({type(err).__name__}: {err}); "
+                                   "pip install torchcodec, or use torchvision's") from err
+        else:
+            def decode_with_torchcodec(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+                return list(codec_decode_jpeg(files, mode="RGB", device=device))
+            return "torchcodec", decode_with_torchcodec
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode_with_torchvision(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        with _quiet_decoder():
+            return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+    return "torchvision", decode_with_torchvision
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -172,30 +230,33 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"decode device {device} requested, but CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"decode device {device}: torchvision decodes JPEG on 'cuda' or 'cpu' only")
+        raise ValueError(f"decode device {device}: JPEG is decoded on 'cuda' or 'cpu' only")
     return device
 
 
 class DeviceDecoder:
-    """The main process's half: a worker batch -> (images uint8 [B,3,S,S] on ``device``, targets,
+    """The training process's half: a worker batch -> (images uint8 [B,3,S,S] on ``device``, targets,
     bad, unreadable reports). ``counts`` tallies where images were decoded: on the device, by the
-    workers' CPU path, or by the CPU after the device decoder refused them."""
+    workers' CPU path, or by the CPU after the device decoder refused them. ``backend`` names the
+    JPEG decoder. Called directly it works on the caller's stream; ``DecodeAhead`` runs it ahead of
+    training on a stream of its own (``decode_ahead`` / ``hand_over``)."""
 
-    def __init__(self, transform: TrainTransform, device: torch.device):
-        from torchvision.io import ImageReadMode, decode_jpeg  # only this mode needs torchvision's decoder
-
-        self._decode_jpeg = decode_jpeg
-        self._rgb = ImageReadMode.RGB
+    def __init__(self, transform: TrainTransform, device: torch.device, backend: str = "auto"):
+        self.backend, self._decode_jpeg = jpeg_decoder(backend)
         self.transform = transform
         self.device = device
         self.counts = {"device": 0, "workers": 0, "fallback": 0}
         self.refused: set[str] = set()
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._decoded: torch.cuda.Event | None = None  # the last decode queued on self.stream
         self._check_decoder()
 
     def _check_decoder(self) -> None:
         """Fail before training starts, not with every batch falling back to the CPU, where the
-        device cannot decode JPEG at all (a torchvision built without nvjpeg, for instance)."""
+        device cannot decode JPEG at all (a build without nvJPEG, for instance)."""
         import io
 
         from PIL import Image
@@ -204,10 +265,9 @@ class DeviceDecoder:
         Image.new("RGB", (16, 8), (200, 100, 50)).save(buffer, "JPEG")
         probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
         try:
-            with _quiet_decoder():
-                (image,) = self._decode_jpeg([probe], mode=self._rgb, device=self.device)
+            (image,) = self._decode_jpeg([probe], self.device)
         except Exception as err:
-            raise RuntimeError(f"decode='device' needs torchvision.io.decode_jpeg on {self.device}, which "
+            raise RuntimeError(f"decode='device' needs {self.backend}'s decode_jpeg on {self.device}, which "
                                f"failed on a test image ({type(err).__name__}: {err}); use decode='cpu'") from err
         if tuple(image.shape) != (3, 8, 16) or image.device.type != self.device.type:
             raise RuntimeError(f"decode_jpeg on {self.device} returned {tuple(image.shape)} on {image.device} "
@@ -217,18 +277,59 @@ class DeviceDecoder:
         """Each file decoded to 3xHxW uint8 on the device, or the decoder's complaint. The batched
         call returns nothing when any file fails, so then each file is tried on its own."""
         try:
-            with _quiet_decoder():
-                return list(self._decode_jpeg(files, mode=self._rgb, device=self.device))
+            with _no_uninitialized_fill(self.device):
+                return self._decode_jpeg(files, self.device)
         except Exception:  # which file (or files) the decoder refused is found below
             pass
         results: list[torch.Tensor | str] = []
         for data in files:
             try:
-                with _quiet_decoder():
-                    results.append(self._decode_jpeg(data, mode=self._rgb, device=self.device))
+                with _no_uninitialized_fill(self.device):
+                    results.extend(self._decode_jpeg([data], self.device))
             except Exception as err:
                 results.append(f"{type(err).__name__}: {err}")
         return results
+
+    # --- ordering against the training stream ------------------------------------------------------
+
+    @contextmanager
+    def decode_thread(self) -> Iterator[None]:
+        """The settings of a thread that decodes ahead. On the CUDA device: this rank's GPU (the
+        current device is per thread). On the CPU device: one intra-op thread, since the per-image ops
+        are small and the pool's threads cost more in waking and spinning than they save (12x slower on
+        a busy 2-core machine); the setting is the thread's own, the training thread keeps its own."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                yield
+            return
+        torch.set_num_threads(1)
+        yield
+
+    def decode_ahead(self, batch: tuple[EncodedImages, torch.Tensor, torch.Tensor, list]):
+        """``self(batch)`` on the decoder's own stream, and the event that marks its end (None on the
+        CPU). The host first waits for the previous batch's decode to finish: the decoder writes from
+        a stream of its own without waiting for ours, so no block the allocator hands it may still
+        have queued readers. This wait is in the decode thread; the training loop never waits here."""
+        if self.stream is None:
+            return self(batch), None
+        if self._decoded is not None:
+            self._decoded.synchronize()
+        with torch.cuda.stream(self.stream):
+            result = self(batch)
+            decoded = torch.cuda.Event()
+            decoded.record(self.stream)
+        self._decoded = decoded
+        return result, decoded
+
+    def hand_over(self, images: torch.Tensor, decoded: torch.cuda.Event | None) -> None:
+        """Make the caller's (the training) stream wait for the batch's decode without blocking the
+        host, and tell the allocator the images are used there, so that their memory is not given to
+        the next decode while the training step still reads it."""
+        if decoded is None:
+            return
+        training = torch.cuda.current_stream(self.device)
+        training.wait_event(decoded)
+        images.record_stream(training)
 
     def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
         """The crop, resized with antialiasing and mirrored if ``flip``: float 3 x S x S, unrounded
@@ -260,8 +361,7 @@ class DeviceDecoder:
             return self.transform.resized_crop(image, encoded.crops[j], encoded.flips[j], name)
 
     def __call__(self, batch: tuple[EncodedImages, torch.Tensor, torch.Tensor, list]):
-        with _one_thread_on_the_cpu(self.device):
-            return self._finish(*batch)
+        return self._finish(*batch)
 
     def _finish(self, encoded: EncodedImages, targets: torch.Tensor, bad: torch.Tensor, unreadable: list):
         """Decode, crop, resize and flip on the device. In the usual batch (every file decoded there)
@@ -327,3 +427,86 @@ class DeviceDecoder:
             targets[position] = targets[source]
             bad[position] = True
             unreadable.append(report)
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_END = object()
+
+
+class _Handoff:
+    """What the decode thread and the training thread share: the queue of finished batches and the
+    flag that tells the thread to stop. The thread holds this, not the ``DecodeAhead``, so that an
+    abandoned iterator is collected and its thread stopped."""
+
+    def __init__(self, depth: int):
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+def _decode_batches(batches: Iterator, decoder: DeviceDecoder, handoff: _Handoff) -> None:
+    try:
+        with decoder.decode_thread():
+            for batch in batches:
+                if handoff.stop.is_set() or not handoff.put(decoder.decode_ahead(batch)):
+                    return
+        handoff.put(_END)
+    except BaseException as err:  # re-raised in the training thread, where it can be reported
+        handoff.put(_Failed(err))
+
+
+class DecodeAhead:
+    """Worker batches -> finished device batches (images, targets, bad, unreadable), decoded by a
+    thread up to ``depth`` batches ahead of the consumer, so that decoding batch k+1 overlaps
+    training step k instead of following it. Batches come out in the workers' order, so the run is
+    the same as decoding in line. ``close()`` (also on garbage collection) stops the thread and waits
+    for it: it must not be reading the DataLoader iterator when the next epoch resets it."""
+
+    def __init__(self, batches: Iterator, decoder: DeviceDecoder, depth: int = DECODE_AHEAD):
+        self._decoder = decoder
+        self._handoff = _Handoff(depth)
+        self._thread = threading.Thread(target=_decode_batches, args=(batches, decoder, self._handoff),
+                                        name="device-decode", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "DecodeAhead":
+        return self
+
+    def __next__(self):
+        item = self._handoff.ready.get()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failed):
+            self.close()
+            raise item.error
+        batch, decoded = item
+        self._decoder.hand_over(batch[0], decoded)
+        return batch
+
+    def close(self) -> None:
+        self._handoff.stop.set()
+        while True:  # unblock a thread waiting to put
+            try:
+                self._handoff.ready.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to stop
+            pass

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from .classes import class_names
 from .datasets import EvalFolderDataset, Sample, TrainFolderDataset
-from .device_decode import DECODE_MODES, DeviceDecoder, EncodedTrainTransform, collate_encoded, resolve_device
+from .device_decode import (DECODE_MODES, DecodeAhead, DeviceDecoder, EncodedTrainTransform, collate_encoded,
+                            resolve_device)
 from .layouts import dataset_root, load_split
 from .rng import WORKERS, key_seed
 from .samplers import EvalBatchSampler, TrainBatchSampler
@@ -84,28 +85,34 @@ def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, 
 
 class _Loader:
     """What both loaders share: class metadata and the bad-file bookkeeping of the main process.
-    ``finish``, if given, turns each worker batch into its final form in the main process (the
-    device decode)."""
+    ``decoder``, if given, turns each worker batch into its final form on the device, a few batches
+    ahead of the consumer (``DecodeAhead``)."""
 
     def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_batches: int,
-                 finish: Callable | None = None):
+                 decoder: DeviceDecoder | None = None):
         self.dataloader = dataloader
         self.classes = list(classes)
         self.class_names = class_names(self.classes)
         self.num_classes = len(self.classes)
         self.num_batches = num_batches
         self.unreadable = UnreadableFiles()
-        self.finish = finish
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return self.num_batches
 
     def _batches(self) -> Iterator[Batch]:
-        for batch in self.dataloader:
-            images, targets, bad, unreadable = self.finish(batch) if self.finish is not None else batch
-            for path, reason in unreadable:
-                self.unreadable.report(path, reason)
-            yield images, targets, bad
+        batches = iter(self.dataloader)
+        if self.decoder is not None:
+            batches = DecodeAhead(batches, self.decoder)
+        try:
+            for images, targets, bad, unreadable in batches:
+                for path, reason in unreadable:
+                    self.unreadable.report(path, reason)
+                yield images, targets, bad
+        finally:  # an epoch left early stops its decode thread before the next one starts
+            if isinstance(batches, DecodeAhead):
+                batches.close()
 
 
 class TrainLoader(_Loader):
@@ -121,7 +128,6 @@ class TrainLoader(_Loader):
         self.sampler = sampler
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.decoder = decoder
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
