@@ -21,10 +21,15 @@ def peak_memory_bytes(device: Any) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
 
 
-def run_child(kind: str, payload: Dict[str, Any], env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Run one measurement in a fresh interpreter, so its memory peak and warm caches are its own."""
-    proc = subprocess.run([sys.executable, "-m", "densenet.bench", "_child", kind, json.dumps(payload)],
-                          capture_output=True, text=True, env=env)
+def run_child(kind: str, payload: Dict[str, Any], env: Optional[Dict[str, str]] = None,
+              timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run one measurement in a fresh interpreter, so its memory peak and warm caches are its own.
+    A child still running after ``timeout`` seconds is killed: one hang must not eat a whole budget."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "densenet.bench", "_child", kind, json.dumps(payload)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {kind} {payload} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,28 +1,31 @@
-"""The GPU check: training speed of the four ImageNet DenseNets, and whether the loader keeps up.
+"""The GPU check: the CUDA-only correctness checks, then training speed of the four ImageNet
+DenseNets against torchvision's and timm's, and whether the input pipeline keeps up.
 
-    python -m densenet.bench gpu                      # one GPU, about 7 minutes, prints the table
+    python -m densenet.bench gpu                      # one GPU, under 8 minutes, prints the tables
     python -m densenet.bench gpu --json gpu.json      # also the rows as JSON
     python -m densenet.bench gpu --device cpu --quick # the same plumbing on the CPU, a few minutes
 
-What it measures, in this order (later parts are skipped, and say so, if --budget-s would run out):
-1. densenet121 (ours, then timm's) training steps (forward, backward, fused SGD step) on synthetic
-   input at the largest power-of-two batch that fits (up to --max-batch), in fp32 NCHW and in bf16
-   autocast + channels_last: images/s, step time, max allocated memory (after autotuning);
-2. the densenet121 training loader with --workers workers from JPEG files, decoded by the workers
-   and, where ``data.build_train_loader`` offers ``decode="device"``, by the GPU in batches, against
-   the model's rate (on the CPU, the device-decode path runs with the CPU as the device);
-3. densenet121 with ``torch.compile`` (our trainer's compile_model: static shapes, compiled once),
-   its compile time, graph count and recompiles during the timed steps (there should be none);
-4. densenet169/201/161 as in 1;
-5. the real ``Trainer.train_epoch`` on pre-made uint8 batches, against the bare step: the cost of
-   the training loop itself (normalisation, the per-step stop/NaN agreement, logging);
-6. timm's densenet121 compiled, then densenet169/201/161 compiled.
+What it runs, in this order (later parts are skipped, and say so, if --budget-s would run out; each
+part runs in a fresh process with a timeout, so one hang cannot eat the budget):
+1. the correctness checks (``gpu_correctness``): device-decoded batches against CPU-decoded ones in
+   the real training loop with accumulation; decoding ahead while the training stream is busy;
+   fused optimizer resume after a memory-layout change; SyncBatchNorm (and its refusal with
+   --memory-efficient); synchronising CUDA calls per training step and per evaluation batch;
+2. the real ``Trainer.train_epoch`` on densenet121 (bf16, channels_last) fed three ways: pre-made
+   uint8 batches (the loop's own cost), the CPU-decode loader and the device-decode loader, both
+   from JPEG files with --workers workers;
+3. densenet121 training steps (forward, backward, fused SGD step) on synthetic input at the largest
+   power-of-two batch that fits (up to --max-batch), ours, torchvision's and timm's, in fp32 NCHW,
+   bf16 NCHW and bf16 channels_last: images/s, step time, max allocated memory (after autotuning);
+4. our densenet121 with ``torch.compile`` (the trainer's compile_model: static shapes, compiled
+   once), its compile time, graph count and recompiles during the timed steps (there should be none);
+5. densenet169/201/161 as in 3, then torchvision's and timm's densenet121 compiled, then
+   densenet169/201/161 compiled.
 
 Batches are searched with cuDNN autotuning off (each new shape would be autotuned) and measured with
-it on; a batch that then runs out of memory is halved. Every model configuration runs in a fresh
-process, so memory peaks are its own. The JPEGs are the ImageNet sample where it exists, otherwise
-synthetic ones of ImageNet's size (``--samples`` takes any folder of <class>_*.JPEG files).
-Nothing is built or downloaded; timm is optional (its rows say n/a without it).
+it on; a batch that then runs out of memory is halved. The JPEGs are the ImageNet sample where it
+exists, otherwise synthetic ones of ImageNet's size (``--samples`` takes any folder of
+<class>_*.JPEG files). Nothing is built or downloaded; timm is optional (its rows say n/a without it).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import jpeg_tree
 from .common import fmt_bytes, peak_memory_bytes, print_table, run_child, write_json
+from .gpu_correctness import CHECKS, CheckJob, run_check
 
 ARCHS = ("densenet121", "densenet169", "densenet201", "densenet161")
 # Rough cost of a training step relative to densenet121 (FLOPs and layer count), for the time budget.
@@ -62,6 +66,11 @@ class ModelJob:
     kind: str = "model"
 
 
+MODES = ("fp32-nchw", "bf16-nchw", "bf16-cl")
+IMPLS = ("ours", "torchvision", "timm")
+SOURCES = ("premade", "cpu", "device")  # what feeds the trainer loop: pre-made batches, or JPEGs decoded there
+
+
 @dataclass(frozen=True)
 class TrainerJob:
     arch: str
@@ -70,20 +79,10 @@ class TrainerJob:
     batch: int
     timed_s: float
     tf32: bool
+    source: str = "premade"
+    root: str = ""
+    workers: int = 0
     kind: str = "trainer"
-
-
-@dataclass(frozen=True)
-class LoaderJob:
-    root: str
-    decode: str  # "cpu" (the workers decode) | "device" (the device decodes each batch)
-    device: str
-    image_size: int
-    batch: int
-    workers: int
-    timed_s: float
-    warmup_batches: int
-    kind: str = "loader"
 
 
 # --- helpers shared by the children -------------------------------------------------------------------
@@ -267,10 +266,26 @@ class _PremadeBatches:
             yield self.images, self.targets, self.bad
 
 
+class _FirstBatches:
+    """The first ``n`` batches of a real train loader, as an epoch of n batches."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     import torch
 
-    from data import IMAGENET_MEAN, IMAGENET_STD
+    from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
 
     from .. import create_model
     from ..checkpoint import Progress
@@ -295,62 +310,33 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     trainer = Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.01, 1000), cfg, info, num_classes=1000,
                       mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
     stop = StopRequest()  # not installed: nothing here should stop the loop
+    loader = None
+    if job.source != "premade":
+        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
+                                    pin_memory=device.type == "cuda", decode=job.source, device=device)
 
-    def epoch(batches: int) -> float:
-        loader = _PremadeBatches(job.batch, job.image_size, batches, 1000, pin=device.type == "cuda")
-        progress = Progress(world_size=1, batch_size=job.batch, accum_steps=1)
+    def epoch(batches: int, number: int) -> float:
+        if loader is None:
+            source: Any = _PremadeBatches(job.batch, job.image_size, batches, 1000, pin=device.type == "cuda")
+        else:
+            source = _FirstBatches(loader, min(batches, len(loader)))
+        progress = Progress(epoch=number, world_size=1, batch_size=job.batch, accum_steps=1)
         t0 = time.perf_counter()
-        trainer.train_epoch(loader, progress, stop, on_checkpoint=lambda: None)
+        trainer.train_epoch(source, progress, stop, on_checkpoint=lambda: None)
         _sync(device)
         return time.perf_counter() - t0
 
-    per_step = epoch(3) / 3  # warm-up: autotuning, the first allocations
+    warmup = 3 if loader is None else 2 * max(job.workers, 1) + 2  # autotuning; every worker started
+    per_step = epoch(warmup, 0) / warmup
     steps = max(1, min(100, math.ceil(job.timed_s / per_step)))
-    seconds = epoch(steps)
-    return {"batch": job.batch, "images_per_s": job.batch * steps / seconds, "step_s": seconds / steps,
-            "timed_steps": steps, "max_mem_bytes": peak_memory_bytes(device)}
-
-
-# --- child: the training loader ------------------------------------------------------------------------
-
-def device_decode_available() -> bool:
-    """Whether this checkout's loader has the device-decode mode (checked here, not assumed, so the
-    check also runs on an older checkout)."""
-    from data import build_train_loader
-    return "decode" in inspect.signature(build_train_loader).parameters
-
-
-def _loader_child(job: LoaderJob) -> Dict[str, Any]:
-    import torch
-
-    from data import build_train_loader
-
-    device = torch.device(job.device)
-    extra: Dict[str, Any] = {}
-    if job.decode == "device":
-        extra = {"decode": "device", "device": device}
-    loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
-                                pin_memory=device.type == "cuda", **extra)
-    loader.set_epoch(0)
-    batches = iter(loader)
-    for _ in range(job.warmup_batches):  # every worker has started and delivered
-        images, _, _ = next(batches)
-    _sync(device)
-    t0, images_seen = time.perf_counter(), 0
-    for images, targets, _ in batches:  # as the trainer takes them: onto the device without blocking
-        images.to(device, non_blocking=True)
-        targets.to(device, non_blocking=True)
-        images_seen += images.shape[0]
-        if time.perf_counter() - t0 >= job.timed_s:
-            break
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    if images_seen == 0:
-        return {"error": "the loader ran out of batches during warm-up"}
-    row = {"batch": job.batch, "images_per_s": images_seen / seconds, "images": images_seen, "seconds": seconds}
-    decoder = getattr(loader, "decoder", None)
-    if decoder is not None:  # where the images were decoded: device, workers, CPU fallback
-        row["decoded"] = dict(decoder.counts)
+    if loader is not None:
+        steps = min(steps, len(loader))
+    seconds = epoch(steps, 1)
+    row = {"batch": job.batch, "images_per_s": job.batch * steps / seconds, "step_s": seconds / steps,
+           "timed_steps": steps, "max_mem_bytes": peak_memory_bytes(device)}
+    if loader is not None and loader.decoder is not None:
+        row["decoded"] = dict(loader.decoder.counts)
+        row["decoder"] = loader.decoder.backend
     return row
 
 
@@ -359,9 +345,9 @@ def child(payload: Dict[str, Any]) -> Dict[str, Any]:
     if kind == "model":
         payload["modes"] = tuple(payload["modes"])
         return _model_child(ModelJob(**payload))
-    if kind == "trainer":
-        return _trainer_child(TrainerJob(**payload))
-    return _loader_child(LoaderJob(**payload))
+    if kind == "check":
+        return run_check(payload)
+    return _trainer_child(TrainerJob(**payload))
 
 
 # --- the plan and the table ----------------------------------------------------------------------------
@@ -373,52 +359,59 @@ class Plan:
     started: float = field(default_factory=time.perf_counter)
     # Seconds a job takes per unit of ARCH_COST, by kind: first guesses, then what the last such job took.
     estimates: Dict[str, float] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.args.quick:
-            self.estimates = {"eager": 10.0, "compile": 20.0, "trainer": 10.0, "loader": 10.0}
+            self.estimates = {"check": 15.0, "eager": 10.0, "compile": 20.0, "trainer": 10.0}
         else:
-            self.estimates = {"eager": 60.0, "compile": 150.0, "trainer": 40.0, "loader": 30.0}
+            self.estimates = {"check": 25.0, "eager": 40.0, "compile": 90.0, "trainer": 30.0}
 
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.started)
 
     def run(self, label: str, estimate_key: str, cost: float, job: Any) -> Optional[Dict[str, Any]]:
-        """Run a job in a fresh process unless its estimated time no longer fits in the budget."""
+        """Run a job in a fresh process unless its estimated time no longer fits in the budget; kill it
+        if it takes four times its estimate (at least a minute) or runs past the budget's end."""
         estimate = self.estimates[estimate_key] * cost
         if estimate > self.left():
+            self.skipped.append(label)
             print(f"  skipped {label}: about {estimate:.0f} s needed, {max(self.left(), 0):.0f} s left", flush=True)
             return None
+        timeout = max(10.0, min(max(4 * estimate, 60.0), self.left() + 30))
         t0 = time.perf_counter()
         try:
-            result = run_child("gpu_check", asdict(job))
+            result = run_child("gpu_check", asdict(job), timeout=timeout)
         except RuntimeError as e:
             result = {"error": str(e).strip().splitlines()[-1][:200]}
         took = time.perf_counter() - t0
-        self.estimates[estimate_key] = took / cost
-        print(f"  {label}: {took:.0f} s", flush=True)
+        if "error" not in result:
+            self.estimates[estimate_key] = took / cost
+        print(f"  {label}: {took:.0f} s{' (' + result['error'] + ')' if 'error' in result else ''}", flush=True)
         return result
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("gpu", help="GPU check: the DenseNets' training speed and whether the loader keeps up",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("gpu", help="GPU check: CUDA-only correctness checks, the DenseNets' training speed, the "
+                       "input pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, not the speed")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated, densenet121 first")
-    p.add_argument("--impls", default="ours,timm", help="ours, or ours,timm (timm's densenet121 beside ours)")
+    p.add_argument("--impls", default=",".join(IMPLS), help="ours first, then any of torchvision, timm")
+    p.add_argument("--checks", default=",".join(CHECKS), help=f"correctness checks to run (default all: "
+                   f"{','.join(CHECKS)}; 'none' for none)")
     p.add_argument("--image-size", type=int, default=None, help="default 224 (quick: 32)")
     p.add_argument("--min-batch", type=int, default=None, help="first batch of the search (default 32; quick: 2)")
     p.add_argument("--max-batch", type=int, default=None, help="last batch of the search (default 1024; quick: 2)")
     p.add_argument("--timed-s", type=float, default=None, help="seconds of timed steps per row (default 3)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default 16; quick: 2)")
-    p.add_argument("--loader-batch", type=int, default=None, help="loader batch (default 256; quick: 8)")
-    p.add_argument("--loader-s", type=float, default=None, help="seconds of timed loading (default 10)")
-    p.add_argument("--samples", default=None, help="folder of <class>_*.JPEG files for the loader rows "
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default 12; quick: 2)")
+    p.add_argument("--trainer-batch", type=int, default=None, help="batch of the trainer-loop rows (default 256; "
+                   "quick: 4)")
+    p.add_argument("--samples", default=None, help="folder of <class>_*.JPEG files for the JPEG rows "
                    "(default: the ImageNet sample if present, else synthetic JPEGs)")
     p.add_argument("--compile-backend", default=None, help="default inductor (quick: eager)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 in the fp32 rows")
-    p.add_argument("--budget-s", type=float, default=None, help="stop starting new rows after this many "
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new parts after this many "
                    "seconds (default 420; quick: 600)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.set_defaults(run=run)
@@ -431,9 +424,8 @@ def _defaults(args: argparse.Namespace) -> None:
     args.min_batch = pick(args.min_batch, 32, 2)
     args.max_batch = pick(args.max_batch, 1024, 2)
     args.timed_s = pick(args.timed_s, 3.0, 0.3)
-    args.workers = pick(args.workers, 16, 2)
-    args.loader_batch = pick(args.loader_batch, 256, 8)
-    args.loader_s = pick(args.loader_s, 10.0, 1.0)
+    args.workers = pick(args.workers, 12, 2)
+    args.trainer_batch = pick(args.trainer_batch, 256, 4)
     args.compile_backend = pick(args.compile_backend, "inductor", "eager")
     args.budget_s = pick(args.budget_s, 420.0, 600.0)
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -441,21 +433,24 @@ def _defaults(args: argparse.Namespace) -> None:
     if unknown or not args.archs or args.archs[0] != "densenet121":
         raise SystemExit(f"error: --archs must start with densenet121 and name only {', '.join(ARCHS)}")
     args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    if not args.impls or args.impls[0] != "ours" or not set(args.impls) <= {"ours", "timm"}:
-        raise SystemExit(f"error: --impls must be ours or ours,timm, got {','.join(args.impls)}")
+    if not args.impls or args.impls[0] != "ours" or not set(args.impls) <= set(IMPLS):
+        raise SystemExit(f"error: --impls must be ours, then any of torchvision, timm; got {','.join(args.impls)}")
+    args.checks = [] if args.checks.strip() == "none" else [c.strip() for c in args.checks.split(",") if c.strip()]
+    if not set(args.checks) <= set(CHECKS):
+        raise SystemExit(f"error: --checks must name only {', '.join(CHECKS)} (or none), got {','.join(args.checks)}")
     if args.min_batch < 1 or args.max_batch < args.min_batch:
         raise SystemExit(f"error: need 1 <= --min-batch <= --max-batch, got {args.min_batch}, {args.max_batch}")
 
 
-def _loader_tree(args: argparse.Namespace, workdir: Path) -> Tuple[Path, str]:
+def _jpeg_tree(args: argparse.Namespace, workdir: Path) -> Tuple[Path, str]:
     samples = Path(args.samples) if args.samples else jpeg_tree.default_samples()
     source = str(samples)
     if samples is None:
         samples = jpeg_tree.write_synthetic_samples(workdir / "samples", count=16 if args.quick else 100)
         source = "synthetic JPEGs, 500x375"
     files = len(jpeg_tree.sample_files(samples))
-    # Enough images that no epoch ends while timing, even at a few thousand images per second.
-    needed = args.loader_batch * (2 * args.workers + 2) + int(args.loader_s * (500 if args.quick else 10000))
+    # Enough images for the trainer rows' warm-up and timed steps: at most 100 steps after warm-up.
+    needed = args.trainer_batch * (2 * args.workers + 2 + (8 if args.quick else 100))
     root = jpeg_tree.make_tree(samples, workdir / "tree", copies=max(1, math.ceil(needed / files)))
     jpeg_tree.read_all(root)
     return root, source
@@ -482,9 +477,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
                          **(res if res is not None else {"error": "skipped (time budget)"})})
 
     def eager(impl: str, arch: str) -> None:
-        modes = ("fp32-nchw", "bf16-cl")
         add_model_rows(impl, arch, plan.run(f"{impl} {arch} eager", "eager", ARCH_COST[arch],
-                                            model_job(impl, arch, modes)), modes)
+                                            model_job(impl, arch, MODES)), MODES)
 
     def compiled(impl: str, arch: str) -> None:
         eager_row = _find(rows, impl, arch, "bf16-cl")
@@ -499,37 +493,33 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     print(f"GPU check on {device}: {args.image_size} px, batches {args.min_batch}-{args.max_batch} (powers of two), "
           f"about {args.timed_s:g} s timed per row, budget {args.budget_s:.0f} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="densenet-gpu-check-") as tmp:
-        eager("ours", "densenet121")
-        if "timm" in args.impls:
-            eager("timm", "densenet121")
-        root, source = _loader_tree(args, Path(tmp))
-        for decode in ("cpu", "device"):
-            job = LoaderJob(str(root), decode, device, args.image_size, args.loader_batch, args.workers,
-                            args.loader_s, warmup_batches=2 * args.workers)
-            result: Optional[Dict[str, Any]]
-            if decode == "device" and not device_decode_available():
-                result = {"error": "n/a (data.build_train_loader has no decode='device')"}
-            else:
-                result = plan.run(f"loader {decode} decode", "loader", 1.0, job)
-            rows.append({"part": "loader", "impl": "ours", "arch": "densenet121", "mode": f"{decode}-decode",
-                         "workers": args.workers, "source": source,
+        root, source = _jpeg_tree(args, Path(tmp))
+        check_size, check_batch = (64, 4) if args.quick else (224, 32)
+        for name in args.checks:
+            job = CheckJob(name, device, str(root), check_size, check_batch, min(args.workers, 4))
+            result = plan.run(f"check {name}", "check", 1.0, job)
+            rows.append({"part": "check", "impl": "ours", "arch": "-", "mode": name,
                          **(result if result is not None else {"error": "skipped (time budget)"})})
+        mode = "bf16-cl" if device.startswith("cuda") else "fp32-nchw"  # the trainer's defaults there
+        for feed in SOURCES:
+            job = TrainerJob("densenet121", device, args.image_size, args.trainer_batch, args.timed_s, args.tf32,
+                             source=feed, root=str(root), workers=args.workers)
+            result = plan.run(f"trainer loop, {feed}", "trainer", 1.0 if feed == "premade" else 1.5, job)
+            rows.append({"part": "trainer", "impl": "ours", "arch": "densenet121", "mode": f"{mode}, {feed}",
+                         "workers": 0 if feed == "premade" else args.workers, "source": source,
+                         **(result if result is not None else {"error": "skipped (time budget)"})})
+        for impl in args.impls:
+            eager(impl, "densenet121")
         compiled("ours", "densenet121")
         for arch in args.archs[1:]:
             eager("ours", arch)
-        ref = _find(rows, "ours", "densenet121", "bf16-cl")
-        if ref and ref.get("batch"):
-            mode = "bf16-cl" if device.startswith("cuda") else "fp32-nchw"  # the trainer's defaults there
-            result = plan.run("trainer loop", "trainer", 1.0,
-                              TrainerJob("densenet121", device, args.image_size, ref["batch"], args.timed_s, args.tf32))
-            rows.append({"part": "trainer", "impl": "ours", "arch": "densenet121", "mode": mode,
-                         **(result if result is not None else {"error": "skipped (time budget)"})})
-        if "timm" in args.impls:
-            compiled("timm", "densenet121")
+        for impl in args.impls[1:]:
+            compiled(impl, "densenet121")
         for arch in args.archs[1:]:
             compiled("ours", arch)
-    _report(rows, args, device, time.perf_counter() - plan.started)
-    write_json(args.json, rows, {"image_size": args.image_size, "tf32": args.tf32, "quick": args.quick})
+    _report(rows, args, device, time.perf_counter() - plan.started, plan.skipped)
+    write_json(args.json, rows, {"image_size": args.image_size, "tf32": args.tf32, "quick": args.quick,
+                                 "skipped": plan.skipped})
     return rows
 
 
@@ -546,56 +536,81 @@ def _ratio(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]]) -> Optional
     return None
 
 
-def _report(rows: List[Dict[str, Any]], args: argparse.Namespace, device: str, seconds: float) -> None:
+def _check_summary(row: Dict[str, Any]) -> str:
+    if "error" in row:
+        return row["error"]
+    shown = {k: v for k, v in row.items() if k not in ("part", "impl", "arch", "mode", "ok", "seconds")}
+    parts = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items() if v != ""]
+    return ("PASS" if row.get("ok") else "FAIL") + ": " + "; ".join(parts)
+
+
+def _report(rows: List[Dict[str, Any]], args: argparse.Namespace, device: str, seconds: float,
+            skipped: List[str]) -> None:
+    import torch
+
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    print(f"\n{name}, torch {torch.__version__}, {os.cpu_count()} CPUs; {args.image_size} px; TF32 "
+          f"{'on' if args.tf32 else 'off'}; {seconds:.0f} s in all")
+    checks = [r for r in rows if r["part"] == "check"]
+    if checks:
+        print("\ncorrectness checks")
+        for row in checks:
+            print(f"  {row['mode']}: {_check_summary(row)}")
     best_model = _find(rows, "ours", "densenet121", "bf16-cl-compile") or _find(rows, "ours", "densenet121", "bf16-cl")
+    bare = next((r for r in rows if r["part"] == "trainer" and r["mode"].endswith("premade") and "error" not in r),
+                None)
     table = []
     for row in rows:
+        if row["part"] == "check":
+            continue
         if row["part"] == "model":
-            base = _find(rows, row["impl"], row["arch"], "fp32-nchw")
-            vs = _ratio(row, base)
-        elif row["part"] == "trainer":
-            vs = _ratio(row, _find(rows, "ours", "densenet121", row["mode"]))
+            vs = _ratio(row, _find(rows, row["impl"], row["arch"], "fp32-nchw"))
+            label = row["mode"]
         else:
-            vs = _ratio(row, best_model)
-        name = {"model": row["mode"], "trainer": f"trainer loop, {row['mode']}",
-                "loader": f"loader, {row['mode']}, {row.get('workers')} workers"}[row["part"]]
+            vs = _ratio(row, bare)
+            label = f"trainer loop, {row['mode']}" + (f", {row['workers']} workers" if row.get("workers") else "")
         if "error" in row:
-            table.append([row["impl"], row["arch"], name, "", row["error"], "", "", "", ""])
+            table.append([row["impl"], row["arch"], label, "", row["error"], "", "", "", ""])
             continue
         batch = f"{row['batch']}{'+' if row.get('capped') else ''}"
         extra = ""
         if "graphs" in row:
             extra = f"compile {row['first_step_s']:.0f}s, {row['graphs']} graphs, {row['recompiles']} recompiles"
         if "decoded" in row:
-            extra = "decoded by " + ", ".join(f"{where} {n}" for where, n in row["decoded"].items())
-        table.append([row["impl"], row["arch"], name, batch, f"{row['images_per_s']:.1f}",
+            extra = f"{row.get('decoder', '')} decoded " + ", ".join(f"{w} {n}" for w, n in row["decoded"].items())
+        table.append([row["impl"], row["arch"], label, batch, f"{row['images_per_s']:.1f}",
                       f"{row['step_s']:.3f}" if "step_s" in row else "",
                       fmt_bytes(row["max_mem_bytes"]) if "max_mem_bytes" in row else "",
                       f"{vs:.2f}" if vs else "", extra])
-    import torch
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
-    print(f"\n{name}, torch {torch.__version__}, {os.cpu_count()} CPUs; {args.image_size} px; synthetic input for "
-          f"the model rows; TF32 {'on' if args.tf32 else 'off'}; batch: largest power of two that fits "
-          f"('+': the --max-batch cap {args.max_batch} fit); {seconds:.0f} s in all")
-    print("vs: model rows against the same model's fp32-nchw row; the trainer loop against the bare bf16-cl step "
-          "at the same batch; loader rows against our densenet121's best bf16-cl rate")
+    print("\nvs: model rows against the same model's fp32-nchw row; trainer rows against the trainer on pre-made "
+          "batches. Model rows: synthetic input, batch = largest power of two that fits ('+': the --max-batch "
+          f"cap {args.max_batch} fit)")
     print_table(["impl", "arch", "mode", "batch", "img/s", "step s", "max mem", "vs", "notes"], table)
+
     def model(impl: str, mode: str) -> Optional[Dict[str, Any]]:
         return _find(rows, impl, "densenet121", mode)
 
-    def loader(decode: str) -> Optional[Dict[str, Any]]:
-        return _find(rows, "ours", "densenet121", f"{decode}-decode", "loader")
+    def trainer(feed: str) -> Optional[Dict[str, Any]]:
+        return next((r for r in rows if r["part"] == "trainer" and r["mode"].endswith(feed) and "error" not in r),
+                    None)
 
-    checks = [
+    targets = [
         ("densenet121 bf16-cl / fp32-nchw", _ratio(model("ours", "bf16-cl"), model("ours", "fp32-nchw")), 3.0),
+        ("densenet121 bf16-cl / bf16-nchw", _ratio(model("ours", "bf16-cl"), model("ours", "bf16-nchw")), 1.0),
+        ("ours / torchvision densenet121, bf16-cl", _ratio(model("ours", "bf16-cl"), model("torchvision", "bf16-cl")),
+         1.0),
         ("ours / timm densenet121, bf16-cl", _ratio(model("ours", "bf16-cl"), model("timm", "bf16-cl")), 1.0),
         ("ours / timm densenet121, bf16-cl compiled",
          _ratio(model("ours", "bf16-cl-compile"), model("timm", "bf16-cl-compile")), 1.0),
-        ("device-decode loader / model", _ratio(loader("device"), best_model), 1.2),
-        ("CPU-decode loader / model", _ratio(loader("cpu"), best_model), 1.2),
+        ("trainer, device decode / pre-made batches", _ratio(trainer("device"), trainer("premade")), 0.9),
+        ("trainer, CPU decode / pre-made batches", _ratio(trainer("cpu"), trainer("premade")), 0.9),
+        ("trainer on pre-made batches / bare bf16-cl step", _ratio(trainer("premade"), model("ours", "bf16-cl")), 0.9),
     ]
     print()
-    for label, value, target in checks:
+    for label, value, target in targets:
         verdict = "n/a" if value is None else ("meets" if value >= target else "below")
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  {label}: {shown} (target >= {target:g}: {verdict})")
+    failed = [r["mode"] for r in checks if "error" in r or not r.get("ok")]
+    print(f"\nchecks failed: {', '.join(failed) if failed else 'none'}; skipped (time budget): "
+          f"{', '.join(skipped) if skipped else 'nothing'}")

@@ -1,0 +1,308 @@
+"""The correctness checks of the GPU check: what only CUDA can show, each in a fresh process.
+
+* ``decode_accum``: the real training loop with two accumulated micro-batches per step sees the
+  same crops, flips and pixel statistics from ``decode="device"`` as from the CPU pipeline;
+* ``decode_ordering``: batches decoded ahead while the training stream is busy and has freed
+  memory its queued kernels still read: no queued reduction is corrupted and every batch equals
+  the one decoded on an idle GPU;
+* ``fused_resume``: optimizer state written with one memory layout and loaded with the other
+  (channels_last toggled), stepped with the fused and the loop kernels: the same weights;
+* ``sync_bn``: --sync-bn converts every BatchNorm and trains on one rank; with --memory-efficient
+  it is refused in one line;
+* ``host_syncs``: synchronising CUDA calls per training step and per evaluation batch, counted by
+  ``torch.cuda.set_sync_debug_mode("warn")`` in the real trainer.
+
+On the CPU (``--device cpu --quick``) each runs what has meaning there and says what it left out.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+CHECKS = ("decode_accum", "decode_ordering", "fused_resume", "sync_bn", "host_syncs")
+
+
+@dataclass(frozen=True)
+class CheckJob:
+    name: str
+    device: str
+    root: str  # a JPEG tree (ImageNet layout) for the decode checks
+    image_size: int
+    batch: int
+    workers: int
+    kind: str = "check"
+
+
+def _sync(device: Any) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _trainer(device: Any, *, accum_steps: int = 1, batch: int = 8, image_size: int = 64, amp: str = "off",
+             channels_last: bool = False, arch: str = "densenet_tiny", classes: int = 10, extra: Dict = None):
+    import torch
+
+    from data import IMAGENET_MEAN, IMAGENET_STD
+
+    from .. import create_model
+    from ..config import config_from_dict
+    from ..distributed import DistInfo
+    from ..engine import Trainer, configure_backends, prepare_model
+    from ..metrics_log import RunLog
+    from ..optim import LRSchedule, build_optimizer
+    from ..wandb_run import WandbRun
+
+    cfg = config_from_dict({"data": "none", "arch": arch, "batch_size": batch, "image_size": image_size,
+                            "accum_steps": accum_steps, "amp": amp, "channels_last": channels_last,
+                            "log_every": 10**9, "wandb": "disabled", "device": device.type, **(extra or {})},
+                           "gpu check")
+    info = DistInfo(0, 1, 0, device, None, "single")
+    configure_backends(cfg, device)
+    torch.manual_seed(0)
+    model = prepare_model(create_model(arch, num_classes=classes), cfg, info)
+    optimizer = build_optimizer(model, cfg, lr=0.01)
+    return Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.01, 1000), cfg, info, num_classes=classes,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
+
+
+def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
+    """Inputs as the model saw them (un-normalised), device decode against CPU decode."""
+    import torch
+
+    from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
+
+    from ..checkpoint import Progress
+    from ..signals import StopRequest
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    seen: Dict[str, torch.Tensor] = {}
+    for decode in ("device", "cpu"):
+        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
+                                    seed=1, decode=decode, device=device, pin_memory=device.type == "cuda")
+        trainer = _trainer(device, accum_steps=2, batch=job.batch, image_size=job.image_size,
+                           classes=loader.num_classes)
+        inputs: List[torch.Tensor] = []
+        trainer.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().cpu() * std + mean))
+        loader.num_batches = min(len(loader), 8)  # four optimizer steps of two micro-batches
+        trainer.train_epoch(loader, Progress(world_size=1, batch_size=job.batch, accum_steps=2), StopRequest(),
+                            on_checkpoint=lambda: None)
+        seen[decode] = torch.cat(inputs)
+    a, b = seen["device"], seen["cpu"]
+    difference = (a - b).abs()
+    flips_agree = bool((difference.mean(dim=(1, 2, 3)) < (a - b.flip(-1)).abs().mean(dim=(1, 2, 3))).all())
+    mean_gap = float((a.mean(dim=(0, 2, 3)) - b.mean(dim=(0, 2, 3))).abs().max())
+    std_gap = float((a.std(dim=(0, 2, 3)) - b.std(dim=(0, 2, 3))).abs().max())
+    mean_abs = float(difference.mean())
+    ok = flips_agree and mean_abs < 4.0 and mean_gap < 1.0 and std_gap < 1.0
+    return {"ok": ok, "images": a.shape[0], "mean_abs_diff": mean_abs, "max_abs_diff": float(difference.max()),
+            "channel_mean_gap": mean_gap, "channel_std_gap": std_gap, "flips_agree": flips_agree}
+
+
+def _decode_ordering(job: CheckJob, device: Any) -> Dict[str, Any]:
+    import torch
+
+    from data import build_train_loader
+
+    def batches(stress: bool) -> tuple:
+        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
+                                    seed=2, decode="device", device=device)
+        loader.set_epoch(0)
+        images, corrupted = [], 0
+        for i, (x, _, _) in enumerate(loader):
+            if i == 6:
+                break
+            if stress and device.type == "cuda":
+                # The training stream's pattern at its worst: tensors whose reductions are still
+                # queued behind a long kernel are freed, and then the next batch is asked for.
+                victims = [torch.full((1 << 22,), float(k + 1), device=device) for k in range(4)]
+                busy = torch.randn(4096, 4096, device=device)
+                for _ in range(30):
+                    busy = busy @ busy / 64
+                sums = [v.sum() for v in victims]
+                del victims
+                images.append(x.clone())
+                _sync(device)
+                corrupted += sum(float(s) != (1 << 22) * (k + 1) for k, s in enumerate(sums))
+            else:
+                images.append(x.clone())
+        _sync(device)
+        return [t.cpu() for t in images], corrupted
+
+    stressed, corrupted = batches(True)
+    idle, _ = batches(False)
+    equal = sum(torch.equal(a, b) for a, b in zip(stressed, idle))
+    return {"ok": corrupted == 0 and equal == len(idle) and len(idle) > 0, "batches": len(idle),
+            "equal_to_idle": equal, "corrupted_reductions": corrupted,
+            "note": "" if device.type == "cuda" else "no streams on the CPU: equality only"}
+
+
+def _fused_resume(job: CheckJob, device: Any) -> Dict[str, Any]:
+    import torch
+
+    from .. import create_model
+    from ..optim import load_optimizer_state
+
+    results: Dict[str, Any] = {}
+    ok = True
+    for name, make in (("sgd", lambda p, **k: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, **k)),
+                       ("adamw", lambda p, **k: torch.optim.AdamW(p, lr=1e-3, **k))):
+        for saved_cl in (True, False):
+            torch.manual_seed(0)
+            model = create_model("densenet_tiny", num_classes=10).to(device)
+            if saved_cl:
+                model = model.to(memory_format=torch.channels_last)
+            opt = make(model.parameters(), foreach=False)
+            x = torch.randn(4, 3, 32, 32, device=device)
+            for _ in range(2):
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+            stepped = {}
+            for kernel in ("fused", "loop"):
+                buffer.seek(0)
+                state = torch.load(buffer, weights_only=True)
+                resumed = create_model("densenet_tiny", num_classes=10).to(device)
+                if not saved_cl:
+                    resumed = resumed.to(memory_format=torch.channels_last)
+                resumed.load_state_dict(state["model"])
+                opt2 = make(resumed.parameters(), **({"fused": True} if kernel == "fused" else {"foreach": False}))
+                label = f"{name} {'cl->nchw' if saved_cl else 'nchw->cl'} {kernel}"
+                try:
+                    load_optimizer_state(opt2, state["opt"])
+                    torch.manual_seed(1)
+                    resumed(torch.randn(4, 3, 32, 32, device=device)).sum().backward()
+                    opt2.step()
+                    _sync(device)
+                    stepped[kernel] = [p.detach().float().cpu() for p in resumed.parameters()]
+                except Exception as e:  # the defect this checks for is a crash on CUDA
+                    results[label] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    ok = False
+            if len(stepped) == 2:
+                diff = max(float((a - b).abs().max()) for a, b in zip(stepped["fused"], stepped["loop"]))
+                results[f"{name} {'cl->nchw' if saved_cl else 'nchw->cl'} max diff"] = diff
+                ok = ok and diff < 1e-4
+    return {"ok": ok, **results}
+
+
+def _sync_bn(job: CheckJob, device: Any) -> Dict[str, Any]:
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from .. import create_model
+    from ..config import ConfigError, parse_config
+
+    out: Dict[str, Any] = {}
+    try:
+        parse_config(["--data", "demo", "--sync-bn", "--memory-efficient", "--device", "cuda"])
+        out["config_refuses_memory_efficient"] = False
+    except ConfigError as e:
+        out["config_refuses_memory_efficient"] = True
+        out["message"] = str(e)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(create_model("densenet_tiny", memory_efficient=True))
+    try:
+        converted.train()(torch.randn(2, 3, 32, 32, requires_grad=True)).sum().backward()
+        out["model_refuses_memory_efficient"] = False
+    except (ValueError, RuntimeError) as e:
+        out["model_refuses_memory_efficient"] = "SyncBatchNorm" in str(e) or "sync" in str(e).lower()
+    ok = out["config_refuses_memory_efficient"] and out["model_refuses_memory_efficient"]
+    if device.type != "cuda":
+        return {"ok": ok, **out, "note": "SyncBatchNorm's forward needs CUDA: the one-rank training step left out"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    try:
+        model = create_model("densenet121", num_classes=10)
+        bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        synced = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        model(torch.randn(4, 3, 64, 64, device=device)).sum().backward()
+        _sync(device)
+        out.update(batchnorm_layers=bn, synchronised=synced)
+        ok = ok and synced == bn
+    finally:
+        dist.destroy_process_group()
+    return {"ok": ok, **out}
+
+
+def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
+    import torch
+
+    from ..checkpoint import Progress
+    from ..engine import evaluate
+    from ..signals import StopRequest
+
+    if device.type != "cuda":
+        return {"ok": True, "note": "torch.cuda.set_sync_debug_mode needs CUDA: nothing counted on the CPU"}
+    trainer = _trainer(device, batch=job.batch, image_size=job.image_size, amp="bf16", channels_last=True,
+                       arch="densenet121", classes=1000)
+    images = torch.randint(0, 256, (job.batch, 3, job.image_size, job.image_size), dtype=torch.uint8).pin_memory()
+    targets = torch.randint(0, 1000, (job.batch,)).pin_memory()
+    bad = torch.zeros(job.batch, dtype=torch.bool)
+
+    class Premade:
+        def __init__(self, n: int) -> None:
+            self.n = n
+            self.num_samples = n * job.batch
+
+        def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+            pass
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __iter__(self):
+            return iter([(images, targets, bad)] * self.n)
+
+    def count(fn) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    steps = 20
+    trainer.train_epoch(Premade(3), Progress(batch_size=job.batch), StopRequest(), on_checkpoint=lambda: None)
+    _sync(device)
+    in_steps = count(lambda: trainer.train_epoch(Premade(steps), Progress(batch_size=job.batch), StopRequest(),
+                                                 on_checkpoint=lambda: None))
+    batches = 10
+    in_eval = count(lambda: evaluate(trainer.model, Premade(batches), info=trainer.info, normalize=trainer.normalize,
+                                     amp_dtype=trainer.amp_dtype))
+    # An epoch ends with one read of the agreement and one of the epoch's totals; an evaluation with
+    # one of its totals. Anything per step or per batch beyond that is a defect.
+    return {"ok": in_steps <= 3 and in_eval <= 2, "steps": steps, "syncs_in_epoch": in_steps,
+            "eval_batches": batches, "syncs_in_eval": in_eval}
+
+
+def run_check(payload: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    job = CheckJob(**payload)
+    device = torch.device(job.device)
+    t0 = time.perf_counter()
+    result = globals()[f"_{job.name}"](job, device)
+    return {**result, "seconds": time.perf_counter() - t0}
+
+
+def check_tree(samples: Path, workdir: Path, copies: int) -> Path:
+    from . import jpeg_tree
+    root = jpeg_tree.make_tree(samples, workdir / "check-tree", copies=copies)
+    jpeg_tree.read_all(root)
+    return root
