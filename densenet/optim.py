@@ -73,9 +73,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
     """Restore the optimizer's buffers (momentum, Adam moments) but keep this run's hyperparameters,
     so that a config change on resume (say, weight decay) is applied rather than silently undone."""
     current: List[Dict] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    saved = state["param_groups"]
+    if len(saved) == len(current):  # otherwise load_state_dict reports the mismatch
+        # Before loading, so that PyTorch places `step` by this run's fused/capturable flags, not the
+        # checkpoint's (fused kernels need it as float32 on the parameter's device).
+        state = {**state, "param_groups": [{**s, **h} for s, h in zip(saved, current)]}
     optimizer.load_state_dict(state)
-    for group, hyper in zip(optimizer.param_groups, current):
-        group.update(hyper)
+    for group in optimizer.param_groups:
+        step_on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            buffers = optimizer.state.get(p, {})
+            for key, t in buffers.items():
+                if not torch.is_tensor(t):
+                    continue
+                if key == "step" and not step_on_device and t.device.type != "cpu":
+                    # Loop/foreach kernels read a device step back with one sync per parameter.
+                    buffers[key] = t.cpu()
+                elif t.shape == p.shape and t.stride() != p.stride():
+                    # load_state_dict keeps the checkpoint's layout (say, channels_last): fused
+                    # kernels refuse mismatched strides on CUDA and compute wrong updates on the CPU.
+                    buffers[key] = torch.empty_like(p, dtype=t.dtype, memory_format=torch.preserve_format).copy_(t)
 
 
 @dataclass(frozen=True)
