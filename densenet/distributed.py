@@ -94,6 +94,23 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=1, local_rank=0, launcher="single")
 
 
+def device_index(local_rank: int, device_count: int, local_world_size: int) -> int:
+    """The CUDA device, among those this process sees, that it trains on.
+
+    SLURM's per-task GPU binding (srun --gpus-per-task=1, --gpu-bind=single:1) shows each task only
+    its own GPU, as device 0, while SLURM_LOCALID still runs 0..7; torchrun, and srun without that
+    binding, show every process of the node all its GPUs, to be told apart by local rank.
+    """
+    if device_count == 1:
+        return 0
+    if device_count >= local_world_size and 0 <= local_rank < device_count:
+        return local_rank
+    raise RuntimeError(
+        f"local rank {local_rank} of {local_world_size} processes on this node sees {device_count} GPUs: "
+        f"give each process one GPU (srun --gpus-per-task=1) or let it see at least {local_world_size} "
+        f"(one process per GPU, CUDA_VISIBLE_DEVICES listing them all)")
+
+
 def init_distributed(device_type: str = "auto", deterministic: bool = False) -> DistInfo:
     """Start the process group (if more than one process) and bind this process to its device."""
     launch = read_launch_env(os.environ)
@@ -104,10 +121,8 @@ def init_distributed(device_type: str = "auto", deterministic: bool = False) -> 
         if deterministic:
             # cuBLAS needs this before its first handle is made to be deterministic.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        if launch.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {launch.local_rank} has no GPU: this node has "
-                               f"{torch.cuda.device_count()}; start one process per GPU")
-        device = torch.device("cuda", launch.local_rank)
+        index = device_index(launch.local_rank, torch.cuda.device_count(), launch.local_world_size)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -126,13 +141,37 @@ def init_distributed(device_type: str = "auto", deterministic: bool = False) -> 
                     launch.local_world_size)
 
 
+def loader_workers(cpus: int, launcher: str, local_world_size: int, env: Mapping[str, str]) -> int:
+    """Data-loader workers for a process whose CPU affinity holds ``cpus`` CPUs: its share, 1 to 8.
+
+    torchrun's local processes all inherit its mask, so they share it. srun gives each task the
+    mask its task plugin binds it to: with binding (task/affinity, task/cgroup) the task's own
+    --cpus-per-task CPUs, already its share; without (task/none) the step's CPUs, shared. A mask
+    smaller than what SLURM gave this node's tasks together (SLURM_CPUS_PER_TASK x local tasks,
+    else SLURM_CPUS_ON_NODE) cannot be shared by all of them, so it is the task's own. Neither
+    SLURM_CPUS_PER_TASK being set (task/none sets it too) nor a mask smaller than the node (a
+    job's cgroup, shared by its tasks) says so alone.
+    """
+    local = max(local_world_size, 1)
+    share = cpus // local
+    if launcher == "slurm" and local > 1:
+        def count(name: str) -> Optional[int]:
+            value = env.get(name, "")
+            return int(value) if value.isdigit() else None
+        per_task = count("SLURM_CPUS_PER_TASK")
+        given_here = per_task * local if per_task else count("SLURM_CPUS_ON_NODE")
+        if given_here and cpus < given_here:
+            share = cpus
+    return max(1, min(8, share))
+
+
 def default_workers(info: DistInfo) -> int:
-    """Data-loader workers per process: this node's CPUs shared among its processes, at most 8."""
+    """Data-loader workers per process: its share of this node's CPUs, at most 8 (loader_workers)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // max(info.local_world_size, 1)))
+    return loader_workers(cpus, info.launcher, info.local_world_size, os.environ)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -32,17 +32,40 @@ is_positive_int() {
     [[ "$1" =~ ^[1-9][0-9]*$ ]]
 }
 
+# Devices a CUDA_VISIBLE_DEVICES value ($1) shows: its non-empty comma-separated entries
+# (indices, GPU-... or MIG-... UUIDs) up to the first negative one, where CUDA stops reading
+# (so "-1" hides every GPU).
+count_visible_devices() {
+    local n=0 entry entries=()
+    IFS=, read -ra entries <<<"$1"
+    for entry in "${entries[@]}"; do
+        entry=${entry//[[:space:]]/}
+        [[ -z "$entry" ]] && continue
+        [[ "$entry" == -* ]] && break
+        n=$((n + 1))
+    done
+    echo "$n"
+}
+
+# GPUs a workstation's processes may use. nvidia-smi lists every GPU whatever
+# CUDA_VISIBLE_DEVICES says, so that variable, when set (even empty), wins.
+visible_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        count_visible_devices "$CUDA_VISIBLE_DEVICES"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
 # GPUs SLURM gave this node: SLURM_GPUS_ON_NODE when the job asked for GPUs (--gpus-per-node,
 # --gres=gpu:N); the visible-device list for sites whose gres plugin sets only that.
 gpus_on_node() {
     if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
         echo "$SLURM_GPUS_ON_NODE"
-    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "-1" ]]; then
-        local ids
-        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
     else
-        echo 0
+        count_visible_devices "${CUDA_VISIBLE_DEVICES:-}"
     fi
 }
 
@@ -105,6 +128,18 @@ wait_until_exit() {
         fi
         return 0
     done
+}
+
+# srun for a short helper step (signalling) while the training step holds the job's GPUs. A
+# step asks for all the job's GPUs by default, and before 22.05 --overlap shares only CPUs, so
+# it would wait for the training to end. --gres=none asks for none, but only when it is the
+# step's whole GPU request: srun also reads the batch shell's SLURM_GPUS* (set by sbatch
+# --gpus-per-node and the like) as options, so they go, with the per-GPU CPU, memory and task
+# counts (SLURM_NTASKS_PER_GPU would clash with --ntasks-per-node).
+helper_srun() {
+    env -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_SOCKET -u SLURM_GPUS_PER_TASK \
+        -u SLURM_CPUS_PER_GPU -u SLURM_MEM_PER_GPU -u SLURM_NTASKS_PER_GPU \
+        srun --overlap --gres=none "$@"
 }
 
 # Sends SIGUSR1 to every node agent of this job on this node (their pids are in directory $1);

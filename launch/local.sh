@@ -6,10 +6,11 @@
 #   NGPU=0 NPROC=2 launch/local.sh --data demo --arch densenet_tiny --image-size 32   # CPU, gloo
 #   MAX_RESTARTS=3 launch/local.sh ...   # restart all processes (from the checkpoint) if one dies
 #
-# Everything after the script name goes to train_dist.py. NGPU defaults to every GPU
-# nvidia-smi lists; with none, NPROC CPU processes (default 1) train with gloo. Ctrl-C makes the
-# training checkpoint and stop (torchrun passes SIGINT on and kills the workers 30 s later);
-# the same command resumes from the checkpoint in --output-dir.
+# Everything after the script name goes to train_dist.py. NGPU defaults to the GPUs
+# CUDA_VISIBLE_DEVICES lists when it is set, else to every GPU nvidia-smi lists; with none,
+# NPROC CPU processes (default 1) train with gloo. Ctrl-C makes the training checkpoint and
+# stop (torchrun passes SIGINT on and kills the workers 30 s later); the same command resumes
+# from the checkpoint in --output-dir.
 set -euo pipefail
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,12 +18,7 @@ LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$LAUNCH_DIR/lib.sh"
 load_site
 
-if [[ -z "${NGPU:-}" ]]; then
-    NGPU=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-fi
+NGPU=${NGPU:-$(visible_gpus)}
 [[ "$NGPU" =~ ^[0-9]+$ ]] || die "NGPU=$NGPU is not a number of GPUs"
 if ((NGPU > 0)); then
     procs=$NGPU

@@ -53,13 +53,14 @@ launch_log "job $SLURM_JOB_ID: SLURM_RESTART_COUNT=$restart, $agents torchrun ag
 export AGENT_PIDDIR=${AGENT_PIDDIR:-/tmp/densenet-launch.$SLURM_JOB_ID.$restart}
 
 # SIGUSR1 (--signal=B:USR1@...) reaches this shell only, on the first node. A step that overlaps
-# the training takes it to the node agents on every node; they pass it to the training processes.
+# the training (and asks for no GPUs: helper_srun) takes it to the node agents on every node;
+# they pass it to the training processes.
 warned=0
 on_warning() {
     warned=1
     launch_log "SIGUSR1: the job ends soon (time limit or preemption); asking the training to checkpoint and stop"
     # shellcheck disable=SC2016  # $1 and $2 belong to the inner shell
-    if ! srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" \
+    if ! helper_srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" \
         --ntasks-per-node=1 --cpus-per-task=1 \
         bash -c 'source "$1/lib.sh" && signal_local_agents "$2"' _ "$LAUNCH_DIR" "$AGENT_PIDDIR"; then
         # The training processes agree on stopping, so those on this node are enough.
