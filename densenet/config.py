@@ -355,6 +355,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("compile_backend must name a torch.compile backend, e.g. inductor")
     if cfg.device == "cpu" and cfg.sync_bn:
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
+    if cfg.sync_bn and cfg.memory_efficient:
+        raise ConfigError("sync_bn: --sync-bn does not reach the memory-efficient dense layers (they call "
+                          "F.batch_norm themselves); drop --memory-efficient or --sync-bn")
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -130,6 +130,10 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
     """
     import torch._dynamo
 
+    # Some torch releases trace the memory-efficient layers' selective checkpointing (context_fn)
+    # only behind this switch; later ones have no such switch and always trace it.
+    if hasattr(torch._dynamo.config, "_experimental_support_context_fn_in_torch_utils_checkpoint"):
+        torch._dynamo.config._experimental_support_context_fn_in_torch_utils_checkpoint = True
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"compile_backend: unknown torch.compile backend {backend!r}; "
                           f"choose from {', '.join(torch._dynamo.list_backends())}")

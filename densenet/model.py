@@ -14,7 +14,7 @@ forward pass through the dense layers.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,29 +28,52 @@ __all__ = ["DenseNet", "create_model", "list_models", "densenet121", "densenet16
            "densenet161", "densenet_bc_100", "densenet_tiny"]
 
 
-def _batch_norm(norm: nn.BatchNorm2d, x: Tensor, stats: Optional[list]) -> Tensor:
-    """BatchNorm whose running-statistics update can be applied after a checkpointed region.
+def _defers_statistics(norm: nn.Module) -> bool:
+    return norm.training and norm.track_running_stats
+
+
+def _running_statistics(norm: nn.BatchNorm2d) -> Tuple[Tensor, ...]:
+    """Copies of the running averages for a checkpointed `_batch_norm` to start from (none when it
+    leaves them alone).
+
+    Taken outside the checkpointed region because the recomputation in the backward pass reads
+    them after the buffers have moved. Compiled, a buffer read there would be a graph input saved
+    for backward and then written to, which autograd rejects where the backend writes input
+    mutations back after the graph (cudagraphs does by default).
+    """
+    if not _defers_statistics(norm):
+        return ()
+    return norm.running_mean.clone(), norm.running_var.clone()
+
+
+def _batch_norm(norm: nn.BatchNorm2d, x: Tensor,
+                running: Optional[Tuple[Tensor, ...]]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """BatchNorm that, given `running` from `_running_statistics`, returns its running-statistics
+    update instead of applying it.
 
     A checkpointed layer runs its forward twice in training; the recomputation must perform exactly
     the same operations (selective checkpointing matches them one by one) but must not move the
-    running averages a second time. So inside the region the statistics update goes to copies,
-    which the caller writes back once, after the original forward.
+    running averages a second time. So inside the region the update goes to copies, returned as
+    outputs of the region and written back once by the caller: a region that wrote to the buffers,
+    or to anything else from outside, would be a side effect that torch.compile cannot trace inside
+    a checkpoint, breaking the graph at every layer.
     """
-    if stats is None or not norm.training or not norm.track_running_stats:
-        return norm(x)
-    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    if not running:
+        return norm(x), ()
+    # Copied again: the region must not write to its own inputs either.
+    mean, var = running[0].clone(), running[1].clone()
     momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked + 1)
-    stats.append((norm, mean, var))
-    return F.batch_norm(x, mean, var, norm.weight, norm.bias, True, momentum, norm.eps)
+    return F.batch_norm(x, mean, var, norm.weight, norm.bias, True, momentum, norm.eps), (mean, var)
 
 
-def _commit_statistics(stats: list) -> None:
+def _commit_statistics(norms: Sequence[nn.BatchNorm2d], stats: Sequence[Tensor]) -> None:
+    """Write back the (mean, var) pairs `_batch_norm` returned, one per norm that defers, in order."""
+    deferring = [norm for norm in norms if _defers_statistics(norm)]
     with torch.no_grad():
-        for norm, mean, var in stats:
+        for norm, mean, var in zip(deferring, stats[0::2], stats[1::2]):
             norm.running_mean.copy_(mean)
             norm.running_var.copy_(var)
             norm.num_batches_tracked.add_(1)
-    stats.clear()
 
 
 def _keep_3x3_output(ctx, op, *args, **kwargs):
@@ -85,20 +108,29 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def _compute(self, stats: Optional[list], *prev_features: Tensor) -> Tensor:
+    def _compute(self, running1: Optional[Tuple[Tensor, ...]], running2: Optional[Tuple[Tensor, ...]],
+                 *prev_features: Tensor) -> Tuple[Tensor, ...]:
+        """The new features, followed by the deferred BN statistics (see `_batch_norm`)."""
         # torch.cat keeps channels_last when every input is channels_last, so the layout survives.
         x = torch.cat(prev_features, 1) if len(prev_features) > 1 else prev_features[0]
-        x = self.conv1(self.relu1(_batch_norm(self.norm1, x, stats)))
-        return self.conv2(self.relu2(_batch_norm(self.norm2, x, stats)))
+        x, stats1 = _batch_norm(self.norm1, x, running1)
+        x = self.conv1(self.relu1(x))
+        x, stats2 = _batch_norm(self.norm2, x, running2)
+        return (self.conv2(self.relu2(x)),) + stats1 + stats2
 
     def forward(self, prev_features: Sequence[Tensor]) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in prev_features):
-            stats: list = []
-            new = cp.checkpoint(self._compute, stats, *prev_features, use_reentrant=False,
-                                context_fn=_keep_layer_output)
-            _commit_statistics(stats)
+            if isinstance(self.norm1, nn.SyncBatchNorm) or isinstance(self.norm2, nn.SyncBatchNorm):
+                # `_batch_norm` calls F.batch_norm, which would normalise with this process's
+                # statistics alone: refuse rather than train silently unsynchronised.
+                raise ValueError("SyncBatchNorm does not reach memory-efficient dense layers; "
+                                 "convert a model built with memory_efficient=False (or call set_memory_efficient(False))")
+            running = (_running_statistics(self.norm1), _running_statistics(self.norm2))
+            new, *stats = cp.checkpoint(self._compute, *running, *prev_features, use_reentrant=False,
+                                        context_fn=_keep_layer_output)
+            _commit_statistics((self.norm1, self.norm2), stats)
         else:
-            new = self._compute(None, *prev_features)
+            new = self._compute(None, None, *prev_features)[0]
         if self.drop_rate > 0:
             new = F.dropout(new, p=self.drop_rate, training=self.training)
         return new
