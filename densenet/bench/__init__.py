@@ -3,7 +3,8 @@
     python -m densenet.bench step ...       # model training step: images/s and peak memory
     python -m densenet.bench loader ...     # our train loader vs ImageFolder + torchvision's preset
     python -m densenet.bench e2e ...        # train_dist.py vs a reference-style training loop
-    python -m densenet.bench gpu ...        # the GPU check (one H200): models, precisions, loader
+    python -m densenet.bench gpu ...        # the GPU check (one H200): CUDA-only checks, trainer, models
+    python -m densenet.bench decoders ...   # torchcodec vs torchvision vs PIL JPEG decoding
     python -m densenet.bench --help     # every benchmark and its options
 
 Each benchmark prints a table with ratios to a reference row and the spread over repeats, and can

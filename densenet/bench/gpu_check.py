@@ -285,30 +285,16 @@ class _FirstBatches:
 def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     import torch
 
-    from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
+    from data import build_train_loader
 
-    from .. import create_model
     from ..checkpoint import Progress
-    from ..config import config_from_dict
-    from ..distributed import DistInfo
-    from ..engine import Trainer, configure_backends, prepare_model
-    from ..metrics_log import RunLog
-    from ..optim import LRSchedule, build_optimizer
     from ..signals import StopRequest
-    from ..wandb_run import WandbRun
+    from .gpu_correctness import build_trainer
 
     device = torch.device(job.device)
-    amp = "bf16" if device.type == "cuda" else "off"
-    cfg = config_from_dict({"data": "premade", "arch": job.arch, "batch_size": job.batch, "image_size": job.image_size,
-                            "amp": amp, "channels_last": device.type == "cuda", "tf32": job.tf32,
-                            "log_every": 10**9, "wandb": "disabled", "device": device.type}, "gpu check")
-    info = DistInfo(0, 1, 0, device, None, "single")
-    configure_backends(cfg, device)
-    torch.manual_seed(0)
-    model = prepare_model(create_model(job.arch), cfg, info)
-    optimizer = build_optimizer(model, cfg, lr=0.01)
-    trainer = Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.01, 1000), cfg, info, num_classes=1000,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
+    cuda = device.type == "cuda"
+    trainer = build_trainer(device, batch=job.batch, image_size=job.image_size, amp="bf16" if cuda else "off",
+                            channels_last=cuda, arch=job.arch, classes=1000, extra={"tf32": job.tf32})
     stop = StopRequest()  # not installed: nothing here should stop the loop
     loader = None
     if job.source != "premade":

@@ -44,8 +44,10 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _trainer(device: Any, *, accum_steps: int = 1, batch: int = 8, image_size: int = 64, amp: str = "off",
+def build_trainer(device: Any, *, accum_steps: int = 1, batch: int = 8, image_size: int = 64, amp: str = "off",
              channels_last: bool = False, arch: str = "densenet_tiny", classes: int = 10, extra: Dict = None):
+    """The real Trainer on one device, no process group, nothing logged: what the checks and the
+    trainer-loop rows drive."""
     import torch
 
     from data import IMAGENET_MEAN, IMAGENET_STD
@@ -86,7 +88,7 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
     for decode in ("device", "cpu"):
         loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
                                     seed=1, decode=decode, device=device, pin_memory=device.type == "cuda")
-        trainer = _trainer(device, accum_steps=2, batch=job.batch, image_size=job.image_size,
+        trainer = build_trainer(device, accum_steps=2, batch=job.batch, image_size=job.image_size,
                            classes=loader.num_classes)
         inputs: List[torch.Tensor] = []
         trainer.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().cpu() * std + mean))
@@ -247,7 +249,7 @@ def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
 
     if device.type != "cuda":
         return {"ok": True, "note": "torch.cuda.set_sync_debug_mode needs CUDA: nothing counted on the CPU"}
-    trainer = _trainer(device, batch=job.batch, image_size=job.image_size, amp="bf16", channels_last=True,
+    trainer = build_trainer(device, batch=job.batch, image_size=job.image_size, amp="bf16", channels_last=True,
                        arch="densenet121", classes=1000)
     images = torch.randint(0, 256, (job.batch, 3, job.image_size, job.image_size), dtype=torch.uint8).pin_memory()
     targets = torch.randint(0, 1000, (job.batch,)).pin_memory()
