@@ -484,6 +484,8 @@ class DecodeAhead:
         return self
 
     def __next__(self):
+        if self._handoff.stop.is_set():  # closed, ended or failed: nothing more will come
+            raise StopIteration
         item = self._handoff.ready.get()
         if item is _END:
             self.close()
