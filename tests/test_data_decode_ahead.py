@@ -33,13 +33,6 @@ SEED = 3
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
-    build_imagefolder(root, num_classes=4, per_class=8, val_per_class=1, short_side=48)
-    return root
-
-
 def loader_for(root, decode, device="cpu", workers=0, batch_size=8):
     return build_train_loader(root, image_size=32, batch_size=batch_size, workers=workers, seed=SEED,
                               decode=decode, device=device)

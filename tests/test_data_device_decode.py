@@ -28,14 +28,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Real photos at 48 px (no Image.draft at a 32 px output, so both paths decode at full size)."""
-    root = tmp_path_factory.mktemp("photos")
-    build_imagefolder(root, num_classes=4, per_class=8, val_per_class=1, short_side=48)
-    return root
-
-
-@pytest.fixture(scope="module")
 def large_photos(tmp_path_factory):
     """Real photos at 160 px: at a 32 px output most crops let the CPU path decode at 1/2 or 1/4."""
     root = tmp_path_factory.mktemp("large")
