@@ -27,7 +27,7 @@ import densenet
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,
                   resolve_data_root)
 from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress, capture_rng_state,
-                                 find_latest_valid, load_checkpoint, restore_rng_state)
+                                 choose_resume, load_checkpoint, restore_rng_state)
 from densenet.config import Config, ConfigError, config_changes, config_to_dict, parse_config, save_config
 from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, default_workers,
                                   exit_without_teardown, gather_objects, init_distributed, shutdown)
@@ -244,17 +244,20 @@ def report_epoch(metrics: Dict[str, float], epoch_number: int, epoch_done: bool,
 
 
 def load_resume_checkpoint(cfg: Config, run_dir: Path, info: DistInfo, log: RunLog) -> Optional[Dict[str, Any]]:
-    if cfg.resume == "never":
+    choice: Any = None  # rank 0's decision, sent to every rank: a path, None, or the refusal
+    if info.is_main:
+        try:
+            found = choose_resume(run_dir, cfg.resume, log.print)
+            choice = str(found) if found else None
+        except CheckpointError as e:
+            choice = e
+    choice = broadcast_object(choice, info)
+    if isinstance(choice, CheckpointError):
+        raise choice
+    if choice is None:
         return None
-    path: Optional[str] = cfg.resume if cfg.resume != "auto" else None
-    if path is None and info.is_main:
-        found = find_latest_valid(run_dir, log.print)
-        path = str(found[0]) if found else None
-    path = broadcast_object(path, info)
-    if path is None:
-        return None
-    ckpt = load_checkpoint(Path(path))
-    ckpt["_path"] = path
+    ckpt = load_checkpoint(Path(choice))
+    ckpt["_path"] = choice
     return ckpt
 
 

@@ -173,6 +173,30 @@ def find_latest_valid(run_dir: Path, report: Callable[[str], None]) -> Optional[
     return None
 
 
+def choose_resume(run_dir: Path, resume: str, report: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint a run starts from, by --resume: a file as given; 'auto', the newest one in the
+    run folder that loads (None in a folder without checkpoints); 'never', None.
+
+    A run folder holding checkpoints is never written over by a run that does not continue them:
+    when none of them loads (a truncated last.pt, an older format), or with 'never', this raises a
+    CheckpointError that names the files and the way out, before anything is written."""
+    if resume not in ("auto", "never"):
+        return Path(resume)
+    existing = resume_candidates(run_dir)
+    names = ", ".join(p.name for p in existing)
+    if resume == "never":
+        if existing:
+            raise CheckpointError(f"{run_dir} holds checkpoints of an earlier run ({names}), which --no-resume "
+                                  "would overwrite; give a new --output-dir, or drop --no-resume to continue that run")
+        return None
+    found = find_latest_valid(run_dir, report)
+    if found is None and existing:
+        raise CheckpointError(f"none of the checkpoints in {run_dir} loads ({names}); nothing was changed. "
+                              "Resume from a good copy with --resume FILE, or start afresh with --no-resume "
+                              "--output-dir NEW_FOLDER")
+    return found[0] if found else None
+
+
 class CheckpointSaver:
     """Writes last.pt, best.pt and the newest K epoch_XXXX.pt of one run folder (rank 0 only)."""
 
