@@ -27,7 +27,7 @@ import densenet
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,
                   resolve_data_root)
 from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress, capture_rng_state,
-                                 choose_resume, load_checkpoint, restore_rng_state)
+                                 check_fits, choose_resume, load_checkpoint, restore_rng_state)
 from densenet.config import Config, ConfigError, config_changes, config_to_dict, parse_config, save_config
 from densenet.distributed import (DistInfo, all_reduce, barrier, broadcast_object, default_workers,
                                   exit_without_teardown, gather_objects, init_distributed, shutdown)
@@ -127,6 +127,8 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
 
     # --- resume: rank 0 picks the file, every rank loads it (each needs its own RNG state)
     ckpt = load_resume_checkpoint(cfg, run_dir, info, log)
+    if ckpt:
+        check_fits(ckpt, cfg.arch, num_classes)
     progress = Progress(world_size=info.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps)
     wandb = start_wandb(mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name,
                         tags=cfg.wandb_tags, config={**config_to_dict(cfg), **derived}, run_dir=run_dir,

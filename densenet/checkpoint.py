@@ -197,6 +197,17 @@ def choose_resume(run_dir: Path, resume: str, report: Callable[[str], None]) -> 
     return found[0] if found else None
 
 
+def check_fits(ckpt: Dict[str, Any], arch: str, num_classes: int) -> None:
+    """One line saying what a checkpoint holds when it is not the network this run builds, instead of
+    load_state_dict's list of every mismatched tensor."""
+    classifier = ckpt["model"].get("classifier.weight")
+    saved_classes = int(classifier.shape[0]) if classifier is not None else None
+    if ckpt["arch"] != arch or (saved_classes is not None and saved_classes != num_classes):
+        raise CheckpointError(f"{ckpt.get('_path', 'the checkpoint')} holds a {ckpt['arch']} with {saved_classes} "
+                              f"classes, but this run builds a {arch} with {num_classes}; pass --arch {ckpt['arch']} "
+                              "(and the same data) to continue it, or give a new --output-dir")
+
+
 class CheckpointSaver:
     """Writes last.pt, best.pt and the newest K epoch_XXXX.pt of one run folder (rank 0 only)."""
 

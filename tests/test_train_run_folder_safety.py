@@ -1,6 +1,7 @@
 """A run folder's checkpoints are never written over by a run that does not continue them: the real
 train_dist.py on the demo JPEGs refuses (exit 2, one line naming the files and the way out) when
-none of them loads, and when --no-resume points into the folder; no file of the earlier run changes."""
+none of them loads, when --no-resume points into the folder, and when the folder holds another
+architecture; no file of the earlier run changes."""
 from __future__ import annotations
 
 import pytest
@@ -56,3 +57,17 @@ def test_no_resume_into_a_used_folder_is_refused_and_kept(data, tmp_path):
     assert snapshot(out) == before
     # a new folder is what it asks for, and works
     assert run(ARGS + ["--data", str(data), "--output-dir", str(tmp_path / "new"), "--no-resume"]).returncode == 0
+
+
+def test_a_folder_of_another_architecture_is_named_in_one_line(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(ARGS + ["--data", str(data), "--output-dir", str(out)]).returncode == 0
+    before = snapshot(out)
+    other = [a if a != "densenet_tiny" else "densenet_bc_100" for a in ARGS]
+    proc = run(other + ["--data", str(data), "--output-dir", str(out), "--max-steps", "8"])
+    assert proc.returncode == 2, proc.stdout
+    line = first_error_line(proc.stdout)
+    assert "holds a densenet_tiny with 10 classes" in line and "densenet_bc_100" in line
+    assert "--arch densenet_tiny" in line
+    assert "size mismatch" not in proc.stdout and "Traceback" not in proc.stdout
+    assert snapshot(out) == before
