@@ -204,6 +204,10 @@ class StopAgreement:
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self._pending: Optional[tuple] = None  # (step, host flags, event, loss)
+        # Two pinned buffers, used in turn: step k's copy never lands in the one step k-1's verdict
+        # is still to be read from.
+        self._host = ([torch.empty(2, dtype=torch.float64, pin_memory=True) for _ in range(2)]
+                      if info.device.type == "cuda" else [])
 
     def post(self, step: int, signum: int, step_loss: torch.Tensor) -> Optional[Verdict]:
         device = self.info.device
@@ -211,8 +215,8 @@ class StopAgreement:
                              (~torch.isfinite(step_loss)).double()])
         all_reduce(flags, self.info, op="max")  # any rank's signal counts
         event = None
-        if device.type == "cuda":
-            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+        if self._host:
+            host = self._host[step % 2]
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -386,8 +390,10 @@ class Trainer:
             max_reached = cfg.max_steps is not None and progress.global_step >= cfg.max_steps
             checkpoint_due = bool(cfg.ckpt_every) and progress.global_step % cfg.ckpt_every == 0 and not last
             verdict = agreement.post(progress.global_step, stop.signum or 0, step_loss)
-            if checkpoint_due or last or max_reached or (verdict is not None and verdict.nonfinite):
-                verdict = self._worst(verdict, agreement.flush())
+            # A signal, once received, is in every later verdict too: the newer one supersedes the
+            # older unless the older one already says stop for a non-finite loss.
+            if (checkpoint_due or last or max_reached) and not (verdict is not None and verdict.nonfinite):
+                verdict = agreement.flush()
             if verdict is not None and verdict.nonfinite:
                 return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": verdict.loss.item(), "step": verdict.step})
             if progress.global_step % cfg.log_every == 0:
@@ -405,18 +411,6 @@ class Trainer:
                                                                 dtype=torch.float64)]), self.info).tolist()
         return EpochStats(end, loss=totals[0] / max(totals[1], 1), bad_samples=int(totals[2]),
                           seconds=time.perf_counter() - started, signal=stop_signal)
-
-    @staticmethod
-    def _worst(earlier: Optional[Verdict], later: Optional[Verdict]) -> Optional[Verdict]:
-        """Of two consecutive verdicts, the one to act on: the first non-finite step, else the later
-        verdict carrying the earlier signal if the later has none."""
-        if earlier is None or later is None:
-            return later or earlier
-        if earlier.nonfinite:
-            return earlier
-        if later.nonfinite or later.signal:
-            return later
-        return Verdict(later.step, earlier.signal, False, later.loss) if earlier.signal else later
 
     def _log_window(self, progress: Progress, step_in_epoch: int, steps_per_epoch: int, timer: StepTimer,
                     window_loss: torch.Tensor) -> None:

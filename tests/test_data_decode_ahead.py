@@ -19,15 +19,9 @@ from data.datasets import Sample
 from data.device_decode import DeviceDecoder, EncodedCrop, collate_encoded, device_decodable, is_progressive
 from data.rng import key_generator
 from data.transforms import TrainTransform
-from densenet import create_model
+from densenet.bench.gpu_correctness import build_trainer
 from densenet.checkpoint import Progress
-from densenet.config import config_from_dict
-from densenet.distributed import DistInfo
-from densenet.engine import Trainer, prepare_model
-from densenet.metrics_log import RunLog
-from densenet.optim import LRSchedule, build_optimizer
 from densenet.signals import StopRequest
-from densenet.wandb_run import WandbRun
 
 SEED = 3
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -89,19 +83,13 @@ class Captured:
     """The real training loop's view of a loader: every micro-batch's images as the model got them."""
 
     def __init__(self, device, accum_steps):
-        cfg = config_from_dict({"data": "none", "arch": "densenet_tiny", "batch_size": 8, "image_size": 32,
-                                "accum_steps": accum_steps, "log_every": 10**6, "wandb": "disabled",
-                                "device": device, "workers": 0, "channels_last": False}, "test")
-        info = DistInfo(0, 1, 0, torch.device(device), None, "single")
-        torch.manual_seed(0)
-        model = prepare_model(create_model("densenet_tiny", num_classes=4), cfg, info)
-        self.trainer = Trainer(model, build_optimizer(model, cfg, lr=0.01), LRSchedule.from_config(cfg, 0.01, 2),
-                               cfg, info, num_classes=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                               log=RunLog(None, False), wandb=WandbRun())
+        self.trainer = build_trainer(torch.device(device), accum_steps=accum_steps, batch=8, image_size=32, classes=4,
+                                     extra={"workers": 0})
         self.inputs = []
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-        model.register_forward_pre_hook(lambda m, args: self.inputs.append((args[0].detach().cpu() * std + mean)))
+        self.trainer.model.register_forward_pre_hook(
+            lambda m, args: self.inputs.append((args[0].detach().cpu() * std + mean)))
 
     def epoch(self, loader):
         progress = Progress(world_size=1, batch_size=8, accum_steps=self.trainer.cfg.accum_steps)

@@ -9,16 +9,11 @@ import signal
 import pytest
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD
-from densenet import create_model
+from densenet.bench.gpu_correctness import build_trainer
 from densenet.checkpoint import Progress
-from densenet.config import config_from_dict
 from densenet.distributed import DistInfo
-from densenet.engine import EpochEnd, StopAgreement, Trainer, auto_amp_dtype, prepare_model
-from densenet.metrics_log import RunLog
-from densenet.optim import LRSchedule, build_optimizer
+from densenet.engine import EpochEnd, StopAgreement, auto_amp_dtype
 from densenet.signals import StopRequest
-from densenet.wandb_run import WandbRun
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
 BATCHES = 8
@@ -48,13 +43,7 @@ class Batches:
 
 
 def trainer(**overrides):
-    cfg = config_from_dict({"data": "none", "arch": "densenet_tiny", "batch_size": 4, "image_size": 32,
-                            "log_every": 10**6, "wandb": "disabled", "device": "cpu", "workers": 0, **overrides})
-    torch.manual_seed(0)
-    model = prepare_model(create_model("densenet_tiny", num_classes=10), cfg, CPU)
-    optimizer = build_optimizer(model, cfg, lr=0.05)
-    return Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.05, BATCHES), cfg, CPU, num_classes=10,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
+    return build_trainer(CPU.device, batch=4, image_size=32, classes=10, extra=overrides)
 
 
 def test_verdicts_come_one_step_late_unless_flushed():

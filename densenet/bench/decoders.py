@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -31,30 +30,20 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def child(payload: Dict[str, Any]) -> Dict[str, Any]:
-    raise ValueError("the decoders benchmark runs in one process")
-
-
 def _decoders() -> Dict[str, Callable]:
+    """The device-decode mode's own decoders (those that load here), and PIL, the CPU pipeline's."""
     import numpy as np
     import torch
     from PIL import Image
 
+    from data.device_decode import jpeg_decoder
+
     found: Dict[str, Callable] = {}
-    try:
-        from torchcodec.decoders import decode_jpeg as codec
-
-        found["torchcodec"] = lambda files, device: list(codec(files, mode="RGB", device=device))
-    except (ImportError, OSError, RuntimeError):
-        pass
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    def torchvision_decode(files, device):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
-
-    found["torchvision"] = torchvision_decode
+    for backend in ("torchcodec", "torchvision"):
+        try:
+            found[backend] = jpeg_decoder(backend)[1]
+        except RuntimeError:  # torchcodec not installed, or built for another torch
+            pass
 
     def pil(files, device):
         return [torch.from_numpy(np.array(Image.open(io.BytesIO(f.numpy().tobytes())).convert("RGB")))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import math
 import os
 import tempfile
@@ -241,47 +240,6 @@ def _measure(make_step: Callable[[int], Callable[[], None]], batch: int, device:
 
 # --- child: the real training loop on pre-made batches ------------------------------------------------------
 
-class _PremadeBatches:
-    """The loader interface Trainer.train_epoch uses, handing out one pre-made uint8 batch (pinned on
-    CUDA) again and again: what is timed is the training loop, not decoding."""
-
-    def __init__(self, batch: int, image_size: int, batches: int, classes: int, pin: bool) -> None:
-        import torch
-        self.images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
-        self.targets = torch.randint(0, classes, (batch,))
-        self.bad = torch.zeros(batch, dtype=torch.bool)
-        if pin:
-            self.images, self.targets = self.images.pin_memory(), self.targets.pin_memory()
-        self.batches = batches
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.start = start_batch
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self):
-        for _ in range(self.start, self.batches):
-            yield self.images, self.targets, self.bad
-
-
-class _FirstBatches:
-    """The first ``n`` batches of a real train loader, as an epoch of n batches."""
-
-    def __init__(self, loader: Any, n: int) -> None:
-        self.loader, self.n = loader, n
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.loader.set_epoch(epoch, start_batch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
 def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     import torch
 
@@ -289,7 +247,7 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
 
     from ..checkpoint import Progress
     from ..signals import StopRequest
-    from .gpu_correctness import build_trainer
+    from .gpu_correctness import FirstBatches, PremadeBatches, build_trainer
 
     device = torch.device(job.device)
     cuda = device.type == "cuda"
@@ -303,9 +261,9 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
 
     def epoch(batches: int, number: int) -> float:
         if loader is None:
-            source: Any = _PremadeBatches(job.batch, job.image_size, batches, 1000, pin=device.type == "cuda")
+            source: Any = PremadeBatches(job.batch, job.image_size, batches, 1000, pin=device.type == "cuda")
         else:
-            source = _FirstBatches(loader, min(batches, len(loader)))
+            source = FirstBatches(loader, min(batches, len(loader)))
         progress = Progress(epoch=number, world_size=1, batch_size=job.batch, accum_steps=1)
         t0 = time.perf_counter()
         trainer.train_epoch(source, progress, stop, on_checkpoint=lambda: None)
@@ -542,7 +500,6 @@ def _report(rows: List[Dict[str, Any]], args: argparse.Namespace, device: str, s
         print("\ncorrectness checks")
         for row in checks:
             print(f"  {row['mode']}: {_check_summary(row)}")
-    best_model = _find(rows, "ours", "densenet121", "bf16-cl-compile") or _find(rows, "ours", "densenet121", "bf16-cl")
     bare = next((r for r in rows if r["part"] == "trainer" and r["mode"].endswith("premade") and "error" not in r),
                 None)
     table = []

@@ -10,7 +10,8 @@
 * ``sync_bn``: --sync-bn converts every BatchNorm and trains on one rank; with --memory-efficient
   it is refused in one line;
 * ``host_syncs``: synchronising CUDA calls per training step and per evaluation batch, counted by
-  ``torch.cuda.set_sync_debug_mode("warn")`` in the real trainer.
+  ``torch.cuda.set_sync_debug_mode("warn")`` in the real trainer; and what --amp auto picks on this
+  GPU (bf16 only where it is native).
 
 On the CPU (``--device cpu --quick``) each runs what has meaning there and says what it left out.
 """
@@ -36,6 +37,48 @@ class CheckJob:
     batch: int
     workers: int
     kind: str = "check"
+
+
+class PremadeBatches:
+    """The loader interface Trainer.train_epoch and evaluate use, handing out one pre-made uint8
+    batch (pinned on CUDA) again and again: what is timed or counted is the loop, not decoding."""
+
+    def __init__(self, batch: int, image_size: int, batches: int, classes: int, pin: bool) -> None:
+        import torch
+        self.images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+        self.targets = torch.randint(0, classes, (batch,))
+        self.bad = torch.zeros(batch, dtype=torch.bool)
+        if pin:
+            self.images, self.targets = self.images.pin_memory(), self.targets.pin_memory()
+        self.batches = batches
+        self.num_samples = batches * batch
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.start = start_batch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.start, self.batches):
+            yield self.images, self.targets, self.bad
+
+
+class FirstBatches:
+    """The first ``n`` batches of a real train loader, as an epoch of n batches."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 def _sync(device: Any) -> None:
@@ -92,8 +135,8 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
                            classes=loader.num_classes)
         inputs: List[torch.Tensor] = []
         trainer.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().cpu() * std + mean))
-        loader.num_batches = min(len(loader), 8)  # four optimizer steps of two micro-batches
-        trainer.train_epoch(loader, Progress(world_size=1, batch_size=job.batch, accum_steps=2), StopRequest(),
+        four_steps = FirstBatches(loader, min(len(loader), 8))  # four optimizer steps of two micro-batches
+        trainer.train_epoch(four_steps, Progress(world_size=1, batch_size=job.batch, accum_steps=2), StopRequest(),
                             on_checkpoint=lambda: None)
         seen[decode] = torch.cat(inputs)
     a, b = seen["device"], seen["cpu"]
@@ -244,30 +287,16 @@ def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch
 
     from ..checkpoint import Progress
-    from ..engine import evaluate
+    from ..engine import evaluate, native_bf16, resolve_amp
     from ..signals import StopRequest
 
     if device.type != "cuda":
         return {"ok": True, "note": "torch.cuda.set_sync_debug_mode needs CUDA: nothing counted on the CPU"}
     trainer = build_trainer(device, batch=job.batch, image_size=job.image_size, amp="bf16", channels_last=True,
-                       arch="densenet121", classes=1000)
-    images = torch.randint(0, 256, (job.batch, 3, job.image_size, job.image_size), dtype=torch.uint8).pin_memory()
-    targets = torch.randint(0, 1000, (job.batch,)).pin_memory()
-    bad = torch.zeros(job.batch, dtype=torch.bool)
-
-    class Premade:
-        def __init__(self, n: int) -> None:
-            self.n = n
-            self.num_samples = n * job.batch
-
-        def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-            pass
-
-        def __len__(self) -> int:
-            return self.n
-
-        def __iter__(self):
-            return iter([(images, targets, bad)] * self.n)
+                            arch="densenet121", classes=1000)
+    steps, batches = 20, 10
+    warmup, epoch, validation = (PremadeBatches(job.batch, job.image_size, n, 1000, pin=True)
+                                 for n in (3, steps, batches))  # pinned before anything is counted
 
     def count(fn) -> int:
         torch.cuda.set_sync_debug_mode("warn")
@@ -279,18 +308,21 @@ def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
             torch.cuda.set_sync_debug_mode(0)
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    steps = 20
-    trainer.train_epoch(Premade(3), Progress(batch_size=job.batch), StopRequest(), on_checkpoint=lambda: None)
+    trainer.train_epoch(warmup, Progress(batch_size=job.batch), StopRequest(), on_checkpoint=lambda: None)
     _sync(device)
-    in_steps = count(lambda: trainer.train_epoch(Premade(steps), Progress(batch_size=job.batch), StopRequest(),
+    in_steps = count(lambda: trainer.train_epoch(epoch, Progress(batch_size=job.batch), StopRequest(),
                                                  on_checkpoint=lambda: None))
-    batches = 10
-    in_eval = count(lambda: evaluate(trainer.model, Premade(batches), info=trainer.info, normalize=trainer.normalize,
+    in_eval = count(lambda: evaluate(trainer.model, validation, info=trainer.info, normalize=trainer.normalize,
                                      amp_dtype=trainer.amp_dtype))
     # An epoch ends with one read of the agreement and one of the epoch's totals; an evaluation with
     # one of its totals. Anything per step or per batch beyond that is a defect.
-    return {"ok": in_steps <= 3 and in_eval <= 2, "steps": steps, "syncs_in_epoch": in_steps,
-            "eval_batches": batches, "syncs_in_eval": in_eval}
+    # --amp auto against the hardware itself: bf16 is native from compute capability 8.0 (Ampere).
+    native = native_bf16(device)
+    amp_auto = resolve_amp("auto", device)
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"ok": in_steps <= 3 and in_eval <= 2 and amp_auto == expected, "steps": steps,
+            "syncs_in_epoch": in_steps, "eval_batches": batches, "syncs_in_eval": in_eval,
+            "native_bf16": native, "amp_auto": str(amp_auto).replace("torch.", "")}
 
 
 def run_check(payload: Dict[str, Any]) -> Dict[str, Any]:
