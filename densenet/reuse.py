@@ -11,7 +11,11 @@ Each block's map is coloured from 0 to its own maximum, as in the paper.
     python -m densenet.reuse runs/densenet121/best.pt --out reuse.png   # also writes reuse.json
     python -m densenet.reuse densenet121-a639ec97.pth --out tv121.png     # a torchvision weight file
 
-Only the weights are read; the architecture (blocks, growth rate, widths) is inferred from them.
+Only the weights are read; the blocks, growth rate and widths of the maps come from their shapes.
+The architecture name and image size that label the figure and reuse.json come from the file where
+it records them (our checkpoints and exports; a torchvision file is named by the model its layers
+match) unless --arch / --image-size give them; an --arch that is not what the file holds is an
+error. The image size only labels the result: the maps are of weights, which do not depend on it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .weights import load_state_dict_file
+from .weights import WeightsError, WeightsFile, read_weights
+from .zoo import get_spec, list_models
 
 _LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
 
@@ -126,12 +131,15 @@ def plot(blocks: List[BlockReuse], out: Path, title: Optional[str] = None) -> No
     plt.close(fig)
 
 
-def to_json(blocks: List[BlockReuse], source: str) -> dict:
+def to_json(blocks: List[BlockReuse], source: str, arch: Optional[str] = None,
+            image_size: Optional[int] = None) -> dict:
     def clean(v: float) -> Optional[float]:
         return None if math.isnan(v) else v
 
     return {
         "source": source,
+        "arch": arch,
+        "image_size": image_size,
         "definition": "cell [s][l-1] = mean |weight| of target layer l's first convolution over the input "
                       "channels from source s (s=0: block input); last column: transition or classifier; "
                       "null where s >= l",
@@ -141,22 +149,54 @@ def to_json(blocks: List[BlockReuse], source: str) -> dict:
     }
 
 
+def resolve_arch_and_size(weights: WeightsFile, arch: Optional[str],
+                          image_size: Optional[int]) -> Tuple[Optional[str], Optional[int]]:
+    """The flags where given, else what the file records: the architecture (for a torchvision file,
+    the named model its layers match) and the image size (else the architecture's own input size).
+    WeightsError when --arch is not the network the file holds."""
+    if arch is not None:
+        get_spec(arch)  # a ValueError naming the known models
+        if weights.arch is None:
+            raise WeightsError(f"--arch {arch} does not fit {weights.path}: its layers are those of no named "
+                               f"model ({', '.join(list_models())})")
+        if weights.arch != arch:
+            how = "was trained as" if weights.source in ("checkpoint", "export") else "has the layers of"
+            raise WeightsError(f"--arch {arch} does not fit {weights.path}, which {how} a {weights.arch}; "
+                               f"drop --arch or pass --arch {weights.arch}")
+    arch = arch or weights.arch
+    if image_size is None:
+        image_size = weights.image_size or (get_spec(arch).input_size if arch in list_models() else None)
+    return arch, image_size
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m densenet.reuse", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by train_dist.py or a torchvision DenseNet weight file")
+    parser.add_argument("checkpoint", help="a checkpoint written by train_dist.py, an export of one, or a "
+                        "torchvision DenseNet weight file")
     parser.add_argument("--out", default="reuse.png", help="the PNG to write (default: reuse.png)")
     parser.add_argument("--json", default=None, help="the matrices as JSON (default: --out with .json)")
+    parser.add_argument("--arch", default=None, choices=list_models(), metavar="ARCH",
+                        help="the model name for the labels (default: the one the file records or matches); "
+                        "an error when the file holds another")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the training image size for the labels (default: the one the checkpoint records, "
+                        "else the model's own input size)")
     args = parser.parse_args(argv)
+    if args.image_size is not None and args.image_size < 1:
+        parser.exit(2, f"error: --image-size must be positive, got {args.image_size}\n")
     try:
-        blocks = feature_reuse(load_state_dict_file(args.checkpoint))
-    except (ValueError, FileNotFoundError) as exc:
+        weights = read_weights(args.checkpoint)
+        arch, image_size = resolve_arch_and_size(weights, args.arch, args.image_size)
+        blocks = feature_reuse(weights.state_dict)
+    except ValueError as exc:  # WeightsError, or weights whose dense blocks do not add up
         parser.exit(2, f"error: {exc}\n")
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
-    plot(blocks, out, title=f"Feature reuse: {Path(args.checkpoint).name}")
+    label = ", ".join(x for x in (arch, f"{image_size} px" if image_size else None) if x)
+    plot(blocks, out, title=f"Feature reuse: {Path(args.checkpoint).name}" + (f" ({label})" if label else ""))
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(to_json(blocks, str(args.checkpoint)), indent=1))
-    print(f"wrote {out} and {json_path} ({len(blocks)} dense blocks)")
+    json_path.write_text(json.dumps(to_json(blocks, str(args.checkpoint), arch, image_size), indent=1))
+    print(f"wrote {out} and {json_path} ({label + ', ' if label else ''}{len(blocks)} dense blocks)")
     return 0
 
 

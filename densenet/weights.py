@@ -1,11 +1,23 @@
-"""Reading and writing DenseNet weights: our checkpoints and torchvision's weight files.
+"""Reading and writing DenseNet weights: our checkpoints, our exports and torchvision's weight files.
 
 Our parameter names are torchvision's, so the only conversions are the legacy `norm.1`-style keys
 of old torchvision files and the `module.` / `_orig_mod.` prefixes that DDP and torch.compile add
 when a state_dict is taken from the wrapper instead of the model.
 
+`read_weights(path)` reads any of them into a `WeightsFile`: the state_dict plus what the file
+knows about it (architecture, training image size, class count). Every problem with the file (it
+is missing, it is not a complete torch file, it holds something other than DenseNet weights, it has
+no EMA weights when they were asked for) is a `WeightsError` with a one-line message that names the
+file and the problem.
+
+An export is a bare state_dict, so `torchvision.models.densenet121().load_state_dict(torch.load(f))`
+takes it as it is; the architecture, image size and class count ride along in the state_dict's
+`_metadata` (the attribute `nn.Module.state_dict()` itself uses, which `load_state_dict` reads per
+module prefix and so ignores under a name that is no module's), where `read_weights` finds them.
+
 Command line:
-    python -m densenet.weights export CHECKPOINT OUT.pth   # a file torchvision's model loads
+    python -m densenet.weights export CHECKPOINT OUT.pth         # a file torchvision's model loads
+    python -m densenet.weights export CHECKPOINT OUT.pth --ema   # the EMA weights of a run with --ema
 """
 
 from __future__ import annotations
@@ -13,19 +25,66 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_write_bytes, serialize
+from .zoo import MODEL_SPECS, DenseNetSpec
+
 StateDict = Dict[str, Tensor]
+PathLike = Union[str, os.PathLike]
 
 # Old torchvision files name dense-layer modules `norm.1`, `conv.2`, ...; dots are no longer allowed
 # in module names, so those keys become `norm1`, `conv2`.
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LAYER_CONV1 = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
+
+# The `_metadata` entry of an exported state_dict that carries what the file knows about itself.
+EXPORT_METADATA_KEY = "densenet_dist"
+EXPORT_FORMAT = 1
+# Keys under which other trainers (timm, DeiT-style scripts) keep the model weights in a dict.
+_WRAPPED_KEYS = ("model", "state_dict")
+_WRAPPED_EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable, or does not hold what was asked for (one-line message)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist (also a FileNotFoundError, as it always was)."""
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """What `read_weights` found in one file.
+
+    path:        the file, as given.
+    state_dict:  the model weights in torchvision naming (prefixes stripped, legacy keys renamed).
+    arch:        the model name the file records (our checkpoints and exports); for other files the
+                 named model (densenet.list_models()) whose structure the weights match; else None.
+    image_size:  the image size the weights were trained at, where the file records it; else None.
+    num_classes: rows of the classifier (0 when the file has no classifier).
+    source:      what the file is: "checkpoint" (written by train_dist.py), "export" (written by
+                 `python -m densenet.weights export`), "state_dict" (a bare state_dict, such as
+                 torchvision's weight files) or "wrapped" (another trainer's dict holding a state_dict
+                 under "model" / "state_dict" / "model_ema" ...).
+    ema:         whether state_dict holds EMA weights.
+    """
+
+    path: str
+    state_dict: StateDict
+    arch: Optional[str]
+    image_size: Optional[int]
+    num_classes: int
+    source: str
+    ema: bool = False
 
 
 def normalize_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
@@ -52,50 +111,160 @@ def _is_densenet_state_dict(obj: Any) -> bool:
             and any("denseblock1." in k for k in obj))
 
 
-def extract_state_dict(obj: Any, source: str = "<object>") -> StateDict:
-    """The model state_dict held by a loaded file: a checkpoint of ours (`{"model": ...}`), a
-    timm/torchvision-style `{"state_dict": ...}` wrapper, or a bare state_dict."""
-    candidate = obj
-    if isinstance(obj, Mapping) and not _is_densenet_state_dict(obj):
-        for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-            if key in obj and isinstance(obj[key], Mapping):
-                candidate = obj[key]
-                break
-    if isinstance(candidate, Mapping):
-        candidate = normalize_keys(candidate)
-    if not _is_densenet_state_dict(candidate):
-        what = type(obj).__name__
-        if isinstance(obj, Mapping):
-            what += f" with keys {sorted(map(str, obj))[:8]}"
-        raise ValueError(
-            f"{source} is not a DenseNet checkpoint: expected a checkpoint written by train_dist.py "
-            f"(a dict with a 'model' state_dict) or a torchvision DenseNet weight file "
-            f"(keys like 'features.conv0.weight', 'features.denseblock1...'), found {what}"
-        )
-    return dict(candidate)
+def _describe(obj: Any) -> str:
+    what = type(obj).__name__
+    if isinstance(obj, Mapping):
+        what += f" with keys {sorted(map(str, obj))[:8]}"
+    return what
 
 
-def load_checkpoint_file(path: Union[str, os.PathLike]) -> Any:
+def _not_densenet(source: str, obj: Any) -> WeightsError:
+    return WeightsError(
+        f"{source} is not a DenseNet checkpoint: expected a checkpoint written by train_dist.py "
+        f"(a dict with a 'model' state_dict), an export of one, or a torchvision DenseNet weight file "
+        f"(keys like 'features.conv0.weight', 'features.denseblock1...'), found {_describe(obj)}")
+
+
+# --- the structure of a state_dict -----------------------------------------------------------------
+
+def _structure_of_weights(sd: Mapping[str, Tensor]) -> Optional[Tuple[Any, ...]]:
+    """(stem, stem width, growth rate, bottleneck width, layers per block, transition widths), read
+    from the shapes of a normalised state_dict; None where a key it needs is missing."""
+    try:
+        conv0 = sd["features.conv0.weight"]
+        layers: Dict[int, int] = {}
+        for key in sd:
+            m = _LAYER_CONV1.match(key)
+            if m:
+                block, layer = int(m.group(1)), int(m.group(2))
+                layers[block] = max(layers.get(block, 0), layer)
+        blocks = tuple(layers[b] for b in range(1, len(layers) + 1))
+        growth = int(sd["features.denseblock1.denselayer1.conv2.weight"].shape[0])
+        bottleneck = int(sd["features.denseblock1.denselayer1.conv1.weight"].shape[0])
+        transitions = tuple(int(sd[f"features.transition{b}.conv.weight"].shape[0]) for b in range(1, len(blocks)))
+    except (KeyError, IndexError, AttributeError):
+        return None
+    stem = "imagenet" if tuple(conv0.shape[-2:]) == (7, 7) else "cifar"
+    return stem, int(conv0.shape[0]), growth, bottleneck, blocks, transitions
+
+
+def _structure_of_spec(spec: DenseNetSpec) -> Tuple[Any, ...]:
+    channels, transitions = spec.num_init_features, []
+    for i, n in enumerate(spec.block_config):
+        channels += n * spec.growth_rate
+        if i != len(spec.block_config) - 1:
+            channels = int(channels * spec.compression)  # as the model builds it
+            transitions.append(channels)
+    return (spec.stem, spec.num_init_features, spec.growth_rate, spec.bn_size * spec.growth_rate,
+            tuple(spec.block_config), tuple(transitions))
+
+
+def infer_arch(state_dict: Mapping[str, Tensor]) -> Optional[str]:
+    """The named model (densenet.list_models()) whose layers these weights have, or None. The class
+    count is not part of the match: a densenet121 with 10 classes is a densenet121."""
+    found = _structure_of_weights(normalize_keys(state_dict))
+    if found is None:
+        return None
+    matches = [name for name, spec in sorted(MODEL_SPECS.items()) if _structure_of_spec(spec) == found]
+    return matches[0] if matches else None
+
+
+def _num_classes(sd: Mapping[str, Tensor]) -> int:
+    classifier = sd.get("classifier.weight")
+    return int(classifier.shape[0]) if isinstance(classifier, Tensor) and classifier.dim() == 2 else 0
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _interpret(obj: Any, source: str, ema: bool = False) -> WeightsFile:
+    """The WeightsFile of an object loaded from `source` (a name used in messages)."""
+    arch: Optional[str] = None
+    image_size: Optional[int] = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("arch"), str):
+        # A checkpoint of ours: arch and config as plain data, EMA weights under "ema" (or None).
+        kind, arch = "checkpoint", obj["arch"]
+        config = obj.get("config")
+        image_size = _int_or_none(config.get("image_size")) if isinstance(config, Mapping) else None
+        candidate = obj.get("ema") if ema else obj["model"]
+        if ema and not isinstance(candidate, Mapping):
+            raise WeightsError(f"{source} has no EMA weights (its run was trained without --ema); "
+                               "leave out --ema to use the model weights")
+    elif _is_densenet_state_dict(obj):
+        meta = getattr(obj, "_metadata", None)
+        meta = meta.get(EXPORT_METADATA_KEY) if isinstance(meta, Mapping) else None
+        if isinstance(meta, Mapping):
+            kind = "export"
+            arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
+            image_size = _int_or_none(meta.get("image_size"))
+            if ema and not meta.get("ema"):
+                raise WeightsError(f"{source} is an export of a run's model weights, not of its EMA weights; "
+                                   "leave out --ema")
+            ema = bool(meta.get("ema"))
+        else:
+            kind = "state_dict"
+            if ema:
+                raise WeightsError(f"{source} is a bare state_dict (a torchvision-style weight file): it has "
+                                   "no EMA weights; leave out --ema")
+        candidate = obj
+    elif isinstance(obj, Mapping):
+        kind = "wrapped"
+        keys = _WRAPPED_EMA_KEYS if ema else _WRAPPED_KEYS + _WRAPPED_EMA_KEYS
+        candidate = next((obj[k] for k in keys if isinstance(obj.get(k), Mapping)), None)
+        if candidate is None and ema and any(isinstance(obj.get(k), Mapping) for k in _WRAPPED_KEYS):
+            raise WeightsError(f"{source} has no EMA weights (no {' / '.join(map(repr, _WRAPPED_EMA_KEYS))} "
+                               "entry); leave out --ema to use the model weights")
+    else:
+        candidate = None
+    if not isinstance(candidate, Mapping):
+        raise _not_densenet(source, obj)
+    state_dict = normalize_keys(candidate)
+    if not _is_densenet_state_dict(state_dict):
+        raise _not_densenet(source, obj if kind == "wrapped" else candidate)
+    return WeightsFile(path=source, state_dict=dict(state_dict), arch=arch or infer_arch(state_dict),
+                       image_size=image_size, num_classes=_num_classes(state_dict), source=kind, ema=ema)
+
+
+def load_checkpoint_file(path: PathLike) -> Any:
     """torch.load with weights_only=True and errors that name the file and the problem."""
     path = Path(path)
+    if not path.exists():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsError(f"{path} is not a file (a weights file is one .pt/.pth file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
-        detail = str(exc).splitlines()[0] if str(exc) else "no further detail"
-        raise ValueError(
+        lines = str(exc).strip().splitlines()
+        detail = lines[0][:200] if lines else "no further detail"
+        raise WeightsError(
             f"{path} could not be read as a PyTorch weights file ({type(exc).__name__}: {detail}); "
             f"is it a complete .pt/.pth file written by torch.save?"
-        ) from exc
+        ) from None
 
 
-def load_state_dict_file(path: Union[str, os.PathLike]) -> StateDict:
+def read_weights(path: PathLike, *, ema: bool = False) -> WeightsFile:
+    """The DenseNet weights in `path` (a checkpoint of ours, an export, a torchvision weight file)
+    and what the file records about them; `ema=True` takes a checkpoint's EMA weights instead of the
+    model's. Raises WeightsError (WeightsNotFoundError for a missing file)."""
+    return _interpret(load_checkpoint_file(path), str(path), ema=ema)
+
+
+def extract_state_dict(obj: Any, source: str = "<object>") -> StateDict:
+    """The model state_dict held by a loaded file: a checkpoint of ours (`{"model": ...}`), a
+    timm/torchvision-style `{"state_dict": ...}` wrapper, or a bare state_dict."""
+    return _interpret(obj, source).state_dict
+
+
+def load_state_dict_file(path: PathLike) -> StateDict:
     """The model weights, in our (torchvision) naming, from a checkpoint of ours or a torchvision file."""
-    return extract_state_dict(load_checkpoint_file(path), source=str(path))
+    return read_weights(path).state_dict
 
 
-def load_weights(model: torch.nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> None:
+def load_weights(model: torch.nn.Module, path: PathLike, strict: bool = True) -> None:
     """Load a weight file into `model` (or its DDP/compiled wrapper), with strict key matching."""
     target = getattr(model, "_orig_mod", model)
     target = getattr(target, "module", target)
@@ -103,27 +272,32 @@ def load_weights(model: torch.nn.Module, path: Union[str, os.PathLike], strict: 
     try:
         target.load_state_dict(state_dict, strict=strict)
     except RuntimeError as exc:
-        raise ValueError(f"{path} does not fit this model (different architecture or class count?): {exc}") from exc
+        raise WeightsError(f"{path} does not fit this model (different architecture or class count?): "
+                           f"{str(exc).splitlines()[0]}") from None
 
 
-def export_torchvision(src: Union[str, os.PathLike, Mapping[str, Tensor]], out: Union[str, os.PathLike]) -> Path:
-    """Write a bare state_dict that `torchvision.models.densenetXXX().load_state_dict` accepts.
+# --- writing ----------------------------------------------------------------------------------------
 
-    The file is written to a temporary name and renamed, so an interrupted export never leaves a
-    half-written file under the final name.
+def export_torchvision(src: Union[PathLike, Mapping[str, Any]], out: PathLike, *, ema: bool = False) -> Path:
+    """Write a bare state_dict that `torchvision.models.densenetXXX().load_state_dict` accepts, with
+    the architecture, image size and class count in its `_metadata` (see the module docstring).
+
+    `src` is a file or an already loaded checkpoint / state_dict; `ema=True` exports a checkpoint's
+    EMA weights. The file is written to a temporary name and renamed, so an interrupted export never
+    leaves a half-written file under the final name; it gets the permissions a plain open() gives
+    (0o666 less the umask).
     """
-    state_dict = load_state_dict_file(src) if not isinstance(src, Mapping) else extract_state_dict(src)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    found = _interpret(src, "<object>", ema=ema) if isinstance(src, Mapping) else read_weights(src, ema=ema)
     out = Path(out)
+    if out.is_dir():
+        raise WeightsError(f"{out} is a folder; give the name of the file to write")
+    state_dict: "OrderedDict[str, Tensor]" = OrderedDict(
+        (k, v.detach().cpu().contiguous()) for k, v in found.state_dict.items())
+    state_dict._metadata = OrderedDict({EXPORT_METADATA_KEY: {  # type: ignore[attr-defined]
+        "format": EXPORT_FORMAT, "arch": found.arch, "image_size": found.image_size,
+        "num_classes": found.num_classes, "ema": found.ema}})
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state_dict, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out, serialize(state_dict))
     return out
 
 
@@ -131,14 +305,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m densenet.weights", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write a torchvision-loadable state_dict from a checkpoint")
-    exp.add_argument("checkpoint")
-    exp.add_argument("out")
+    exp.add_argument("checkpoint", help="a checkpoint written by train_dist.py (or any weights file read_weights reads)")
+    exp.add_argument("out", help="the .pth file to write")
+    exp.add_argument("--ema", action="store_true",
+                     help="export the checkpoint's EMA weights (a run trained with --ema) instead of its model weights")
     args = parser.parse_args(argv)
     try:
-        out = export_torchvision(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError) as exc:
+        out = export_torchvision(args.checkpoint, args.out, ema=args.ema)
+        found = read_weights(out)
+    except WeightsError as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"wrote {out}")
+    except OSError as exc:  # the output folder is not writable, the disk is full...
+        parser.exit(2, f"error: could not write {args.out}: {exc}\n")
+    what = f"{found.arch or 'DenseNet'}, {found.num_classes} classes" + (", EMA weights" if found.ema else "")
+    print(f"wrote {out} ({what})")
     return 0
 
 

@@ -6,10 +6,12 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
 from densenet import reuse, summary
@@ -32,6 +34,37 @@ def test_summary_prints_every_named_model(capsys):
     assert sorted(rows) == densenet.list_models()
     assert rows["densenet_bc_100"][1] == "32"  # CIFAR input size
     assert rows["densenet121"][3] == "7,978,856" and rows["densenet121"][4] == "2.834"
+
+
+# Odd sizes too, where the stem's and the transitions' rounding matters.
+@pytest.mark.parametrize("name,size", [("densenet_tiny", 32), ("densenet_tiny", 45), ("densenet_tiny", 64),
+                                       ("densenet121", 32), ("densenet121", 47), ("densenet_bc_100", 17)])
+def test_analytic_macs_equal_the_measured_count(name, size):
+    model = densenet.create_model(name, num_classes=7).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    assert summary.summarize(name, size, 7).macs == counter.get_total_flops() // 2  # 2 FLOPs per MAC
+
+
+@pytest.mark.parametrize("name", densenet.list_models())
+def test_analytic_parameter_count_equals_the_model(name):
+    with torch.device("meta"):
+        model = densenet.create_model(name, num_classes=13)
+    assert summary.summarize(name, num_classes=13).params == sum(p.numel() for p in model.parameters())
+
+
+def test_summary_cli_is_immediate_and_does_not_import_torch():
+    code = ("import sys, densenet.summary as s; s.main([]); "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 10  # about 0.15 s here; it was 18-60 s with model forwards
+    assert proc.stderr == "" and proc.stdout.splitlines()[1].split()[-1] == "2.834"
+    small = subprocess.run([sys.executable, "-m", "densenet.summary", "densenet121", "--image-size", "3"],
+                           capture_output=True, text=True, timeout=120)
+    assert small.returncode == 2 and small.stderr.splitlines() == [
+        "error: 3 px is too small: transition 1 pools the map below one pixel"]
 
 
 def test_summary_cli_rejects_an_unknown_model():
@@ -90,3 +123,44 @@ def test_reuse_fails_clearly_on_a_file_that_is_not_a_densenet(tmp_path):
     assert "is not a DenseNet checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def run_reuse(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "densenet.reuse", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_reuse_takes_arch_and_image_size_from_our_checkpoint(tmp_path):
+    model = densenet.create_model("densenet_tiny", num_classes=4)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "arch": "densenet_tiny", "ema": None,
+                "config": {"arch": "densenet_tiny", "image_size": 96}}, ckpt)
+    out = tmp_path / "reuse.png"
+    run = run_reuse(ckpt, "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"wrote {out} and {out.with_suffix('.json')} (densenet_tiny, 96 px, 4 dense blocks)"
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert (data["arch"], data["image_size"]) == ("densenet_tiny", 96)
+    # An explicit image size wins; the same arch is accepted.
+    run = run_reuse(ckpt, "--out", out, "--arch", "densenet_tiny", "--image-size", "128")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.with_suffix(".json").read_text())["image_size"] == 128
+    # Another arch than the checkpoint's is a one-line error, and nothing is written.
+    out.unlink()
+    run = run_reuse(ckpt, "--out", out, "--arch", "densenet121")
+    assert run.returncode == 2 and not out.exists()
+    assert run.stderr.splitlines() == [f"error: --arch densenet121 does not fit {ckpt}, which was trained as a "
+                                       "densenet_tiny; drop --arch or pass --arch densenet_tiny"]
+
+
+def test_reuse_names_a_torchvision_file_by_its_layers(tmp_path):
+    path = tmp_path / "tv121.pth"
+    torch.save(torchvision.models.densenet121(num_classes=3).state_dict(), path)
+    out = tmp_path / "tv.png"
+    run = run_reuse(path, "--out", out)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert (data["arch"], data["image_size"]) == ("densenet121", 224)  # the model's own input size
+    run = run_reuse(path, "--out", out, "--arch", "densenet169")
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
+    assert "has the layers of a densenet121" in run.stderr

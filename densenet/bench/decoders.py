@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        samples = Path(args.samples) if args.samples else jpeg_tree.default_samples()
+        samples = Path(args.samples) if args.samples else None
         if samples is None:
             samples = jpeg_tree.write_synthetic_samples(Path(tmp) / "samples", count=100)
         paths = jpeg_tree.sample_files(samples)

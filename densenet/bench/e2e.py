@@ -1,10 +1,10 @@
 """End to end: our trainer's steady-state images/s against a plain reference-style loop, same JPEGs.
 
-    # a tree of real ImageNet JPEGs (the 100-image sample, linked into an ImageNet layout), then both
-    # image sizes, 3 repeats each
-    python -m densenet.bench e2e --make-tree /tmp/e2e-tree
+    # a tree of real ImageNet JPEGs (a folder of samples named <class>_*.JPEG, such as the 100-image
+    # ImageNet sample, linked into an ImageNet layout), then both image sizes, 3 repeats each
+    python -m densenet.bench e2e --samples SAMPLES --make-tree /tmp/e2e-tree
     python -m densenet.bench e2e --root /tmp/e2e-tree --json e2e.json
-    # or with a temporary tree built from --samples, one size only
+    # or a temporary tree of 100 synthetic ImageNet-sized JPEGs (no --root, no --samples), one size only
     python -m densenet.bench e2e --image-size 64 --repeats 5
 
 Ours is the real ``train_dist.py`` in a process of its own, with its defaults for this device and
@@ -193,8 +193,8 @@ def add_parser(sub) -> None:
                    "default: a temporary tree built from --samples")
     p.add_argument("--make-tree", metavar="DIR", default=None,
                    help="only write a tree from --samples into DIR (for later --root DIR) and exit")
-    p.add_argument("--samples", default=None, help="folder of sample JPEGs named <class>_*.JPEG "
-                   f"(default: {jpeg_tree.DEFAULT_SAMPLES})")
+    p.add_argument("--samples", default=None, help="folder of sample JPEGs named <class>_*.JPEG (default: 100 "
+                   "synthetic JPEGs of ImageNet's typical size, written for the run)")
     p.add_argument("--copies", type=int, default=24, help="links of each sample in its train folder")
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, nargs="+", default=[224, 64])
@@ -211,11 +211,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _samples(args: argparse.Namespace) -> Path:
-    samples = Path(args.samples) if args.samples else jpeg_tree.default_samples()
-    if samples is None or not samples.is_dir():
-        raise SystemExit(f"error: no sample JPEG folder (tried {args.samples or jpeg_tree.DEFAULT_SAMPLES}); "
-                         "pass --samples DIR or --root DIR")
+def _samples(args: argparse.Namespace, workdir: Path) -> Path:
+    """--samples, or synthetic ImageNet-sized JPEGs written under workdir."""
+    if not args.samples:
+        return jpeg_tree.write_synthetic_samples(workdir / "samples")
+    samples = Path(args.samples)
+    if not samples.is_dir():
+        raise SystemExit(f"error: no sample JPEG folder at {args.samples}; pass --samples DIR or --root DIR")
     return samples
 
 
@@ -239,7 +241,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
     _check_args(args)
     if args.make_tree:
-        root = jpeg_tree.make_tree(_samples(args), Path(args.make_tree), args.copies)
+        with tempfile.TemporaryDirectory(prefix="densenet-e2e-") as tmp:  # holds synthetic samples, if any
+            root = jpeg_tree.make_tree(_samples(args, Path(tmp)), Path(args.make_tree), args.copies)
         print(f"wrote {jpeg_tree.count_images(root)} train / {jpeg_tree.count_images(root, 'val')} val images "
               f"to {root}")
         return []
@@ -250,7 +253,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         workers = default_workers(DistInfo(0, 1, 0, torch.device(device), None, "single"))
     with tempfile.TemporaryDirectory(prefix="densenet-e2e-") as tmp:
         workdir = Path(tmp)
-        root = Path(args.root) if args.root else jpeg_tree.make_tree(_samples(args), workdir / "tree", args.copies)
+        root = Path(args.root) if args.root else jpeg_tree.make_tree(_samples(args, workdir), workdir / "tree",
+                                                                     args.copies)
         if not (root / "train").is_dir():
             raise SystemExit(f"error: {root} has no train/ folder; give an ImageNet-layout --root")
         return _measure_all(args, root, workdir, device, workers)

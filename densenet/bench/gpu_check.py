@@ -387,7 +387,7 @@ def _defaults(args: argparse.Namespace) -> None:
 
 
 def _jpeg_tree(args: argparse.Namespace, workdir: Path) -> Tuple[Path, str]:
-    samples = Path(args.samples) if args.samples else jpeg_tree.default_samples()
+    samples = Path(args.samples) if args.samples else None
     source = str(samples)
     if samples is None:
         samples = jpeg_tree.write_synthetic_samples(workdir / "samples", count=16 if args.quick else 100)

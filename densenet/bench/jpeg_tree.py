@@ -13,10 +13,9 @@ import io
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 # The 100-image ImageNet sample (one JPEG for every tenth class) where this project's machines keep it.
-DEFAULT_SAMPLES = Path("/work/shared/imagenet-sample")
 JPEG_SUFFIXES = (".jpeg", ".jpg")
 
 
@@ -102,6 +101,3 @@ def write_synthetic_samples(dest: Path, count: int = 100, seed: int = 0, size: t
         (dest / f"s{i:08d}_synthetic.JPEG").write_bytes(buf.getvalue())
     return dest
 
-
-def default_samples() -> Optional[Path]:
-    return DEFAULT_SAMPLES if DEFAULT_SAMPLES.is_dir() else None

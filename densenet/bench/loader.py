@@ -1,12 +1,14 @@
 """Input pipeline: our training loader against torchvision's reference loader, same files and settings.
 
-    # the 100-image ImageNet sample, linked into an ImageNet layout in a temporary folder
-    python -m densenet.bench loader --root /work/shared/imagenet-sample --workers 2 --batch-size 64 --image-size 224
+    # no --root: 100 synthetic ImageNet-sized JPEGs, written and linked into a temporary tree
+    python -m densenet.bench loader --workers 2 --batch-size 64 --image-size 224
+    # a flat folder of sample JPEGs named <class>_*.JPEG (such as the 100-image ImageNet sample)
+    python -m densenet.bench loader --root SAMPLES --workers 2 --batch-size 64 --image-size 224
     # keep the tree for later runs, then point --root at it (or at a real ImageNet root)
-    python -m densenet.bench loader --make-tree /tmp/loader-tree --workers 2
+    python -m densenet.bench loader --root SAMPLES --make-tree /tmp/loader-tree --workers 2
     python -m densenet.bench loader --root /datasets/imagenet --workers 16 --batch-size 256 --json loader.json
     # the device-decode mode on the CPU device (on a CUDA machine it is measured by default)
-    python -m densenet.bench loader --root /work/shared/imagenet-sample --decode cpu,device
+    python -m densenet.bench loader --decode cpu,device
 
 Rows, each in a fresh process per repeat, interleaved so that a noisy machine's drift hits them
 alike:
@@ -168,9 +170,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None, help="ImageNet-layout folder (ROOT/train/<class>/*.JPEG), or a flat "
                    "folder of sample JPEGs named <class>_*.JPEG, linked into a temporary tree "
-                   f"(default: {jpeg_tree.DEFAULT_SAMPLES})")
+                   "(default: 100 synthetic JPEGs of ImageNet's typical size, written for the run)")
     p.add_argument("--make-tree", metavar="DIR", default=None,
-                   help="link the sample JPEGs (--root or the default sample) into an ImageNet layout at DIR, "
+                   help="link the sample JPEGs (--root, or the synthetic ones) into an ImageNet layout at DIR, "
                         "keep it, and measure on it")
     p.add_argument("--copies", type=int, default=None,
                    help="links of each sample in a built tree (default: enough for one epoch to hold every "
@@ -195,10 +197,13 @@ def _is_tree(root: Path) -> bool:
 
 def _prepare_root(args: argparse.Namespace, workdir: Path) -> Tuple[Path, str]:
     """The ImageNet-layout root to measure on, and a note of where it came from."""
-    source = Path(args.root) if args.root else jpeg_tree.default_samples()
-    if source is None or not source.is_dir():
-        raise SystemExit(f"error: {args.root or jpeg_tree.DEFAULT_SAMPLES} is not a folder; pass --root with an "
-                         "ImageNet-layout folder or a folder of sample JPEGs")
+    if args.root:
+        source = Path(args.root)
+        if not source.is_dir():
+            raise SystemExit(f"error: {args.root} is not a folder; pass --root with an ImageNet-layout folder or "
+                             "a folder of sample JPEGs")
+    else:
+        source = jpeg_tree.write_synthetic_samples(workdir / "samples")
     if _is_tree(source) and not args.make_tree:
         return source, "given"
     if _is_tree(source):
@@ -208,7 +213,8 @@ def _prepare_root(args: argparse.Namespace, workdir: Path) -> Tuple[Path, str]:
     copies = args.copies or math.ceil(needed / len(samples)) + 1
     dest = Path(args.make_tree) if args.make_tree else workdir / "tree"
     root = jpeg_tree.make_tree(source, dest, copies)
-    return root, f"{len(samples)} samples from {source} x {copies} links" + (" (kept)" if args.make_tree else "")
+    what = f"{source}" if args.root else "synthetic JPEGs"
+    return root, f"{len(samples)} samples from {what} x {copies} links" + (" (kept)" if args.make_tree else "")
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
