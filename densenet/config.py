@@ -6,9 +6,12 @@ Values are resolved in this order, each step overriding the previous one:
    (SGD + Nesterov 0.9, lr 0.1 per 256 images, weight decay 1e-4, 90 epochs, lr / 10 at 30 and 60);
 2. the built-in recipe named by ``recipe`` (``paper`` changes nothing, ``modern`` is in RECIPES);
 3. a flat YAML file given with ``--config FILE`` (a run folder's ``config.yaml`` works as one);
-4. command-line flags, spelled like the keys with dashes (``--batch-size`` sets ``batch_size``).
+4. command-line flags, spelled like the keys with dashes (``--batch-size`` sets ``batch_size``);
+   the spellings of torchvision's reference trainer and timm's train.py work too (ALIASES).
 
-Unknown keys and values of the wrong type or outside their choices are errors that name the key.
+Unknown keys and flags, values of the wrong type or outside their choices are one-line errors that
+name the key (and the closest known one). Nothing here imports torch, so ``--help`` and a mistyped
+flag are answered at once, before the seconds that importing torch takes on a cold node.
 """
 from __future__ import annotations
 
@@ -19,13 +22,50 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import yaml
+
+from .zoo import get_spec, list_models, min_image_size
 
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the key and the fix."""
+
+
+# Flags of torchvision's reference trainer (references/classification/train.py) and timm's train.py
+# that mean the same as one of ours, so that the commands people already type work here too.
+ALIASES: Dict[str, Tuple[str, ...]] = {
+    "arch": ("--model",),
+    "data": ("--data-path", "--data-dir"),
+    "output_dir": ("--output",),
+    "batch_size": ("-b",),
+    "eval_batch_size": ("-vb", "--validation-batch-size"),
+    "workers": ("-j",),
+    "optimizer": ("--opt",),
+    "weight_decay": ("--wd",),
+    "lr_schedule": ("--sched",),
+    "warmup_epochs": ("--lr-warmup-epochs",),
+    "min_lr": ("--lr-min",),
+    "label_smoothing": ("--smoothing",),
+    "mixup": ("--mixup-alpha",),
+    "cutmix": ("--cutmix-alpha",),
+    "auto_augment": ("--aa",),
+    "random_erasing": ("--random-erase", "--reprob"),
+    "drop_rate": ("--drop",),
+    "grad_clip": ("--clip-grad-norm", "--clip-grad"),
+    "accum_steps": ("--grad-accum-steps",),
+    "ema": ("--model-ema",),
+    "ema_decay": ("--model-ema-decay",),
+    "image_size": ("--img-size",),
+    "eval_resize": ("--val-resize-size",),
+    "pin_memory": ("--pin-mem",),
+    "deterministic": ("--use-deterministic-algorithms",),
+    "keep_epochs": ("--checkpoint-hist",),
+    "log_every": ("--print-freq", "--log-interval"),
+    "evaluate": ("--test-only",),
+    "weights": ("--initial-checkpoint",),
+}
 
 
 def _opt(default: Any, help: str, choices: Optional[Sequence[str]] = None) -> Any:
@@ -39,7 +79,7 @@ def _opt(default: Any, help: str, choices: Optional[Sequence[str]] = None) -> An
 class Config:
     # --- what to train, on what, and where the run folder is
     recipe: str = _opt("paper", "built-in recipe applied before --config and flags", ("paper", "modern"))
-    arch: str = _opt("densenet121", "model name from densenet.list_models()")
+    arch: str = _opt("densenet121", "model name: " + ", ".join(list_models()))
     data: str = _opt("", "ImageNet root with train/ and val/, or 'demo' for the built-in demo data")
     output_dir: str = _opt("", "run folder for checkpoints, logs and W&B files (default: runs/<arch>)")
     num_classes: Optional[int] = _opt(None, "classifier size (default: number of classes in the data)")
@@ -107,6 +147,8 @@ class Config:
     resume: str = _opt("auto", "'auto' (newest valid checkpoint in the run folder), 'never', or a file")
     evaluate: bool = _opt(False, "only evaluate --weights on the validation set")
     weights: Optional[str] = _opt(None, "weights to start from or evaluate: a checkpoint or a torchvision file")
+    results_file: Optional[str] = _opt(None, "--evaluate writes its results as JSON here (default: "
+                                       "eval_<weights name>.json in the run folder)")
 
     # --- logging
     log_every: int = _opt(50, "print and record a training line every this many optimizer steps")
@@ -119,6 +161,20 @@ class Config:
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.arch}")
+
+    def given(self, key: str) -> bool:
+        """Whether the recipe, the config file or a flag set ``key`` (rather than the default)."""
+        return key in getattr(self, "_given", frozenset())
+
+    def set_given(self, keys: FrozenSet[str]) -> "Config":
+        self._given = keys  # not a field: it is not part of the run's configuration
+        return self
+
+    def with_values(self, **changes: Any) -> "Config":
+        """A copy with `changes` applied, checked like any value and counted as given."""
+        values = {**config_to_dict(self), **changes}
+        given = getattr(self, "_given", frozenset()) | frozenset(changes)
+        return config_from_dict(values, source="resolved config").set_given(given)
 
 
 # Built-in recipes: overrides of the paper defaults. ``modern`` follows what recent ImageNet recipes for
@@ -244,9 +300,27 @@ def _parse_cli_value(tp: Any) -> Any:
     return convert
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing its usage block and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see python train_dist.py --help")
+
+
+def _unknown_flag(arg: str, parser: argparse.ArgumentParser) -> ConfigError:
+    if not arg.startswith("-"):
+        return ConfigError(f"unexpected argument {arg!r}: every value follows its flag, e.g. --data {arg}")
+    flag = arg.split("=", 1)[0]
+    known = [s for action in parser._actions for s in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; see python train_dist.py --help"
+    return ConfigError(f"unknown flag {flag}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_dist.py",
+    # allow_abbrev=False: a prefix such as --output must never silently mean another flag.
+    parser = _Parser(
+        prog="train_dist.py", allow_abbrev=False,
         description="Train or evaluate DenseNet-BC on ImageNet (DDP, AMP, exact resume). "
         "Defaults are the paper's recipe; precedence: defaults < --recipe < --config FILE < flags.",
         argument_default=argparse.SUPPRESS,
@@ -256,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from scratch even if the run folder holds a checkpoint (same as --resume never)")
     for name, f in _FIELDS.items():
         tp = _TYPES[name]
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, ())]
         help_text = f.metadata["help"]
         if "default" not in help_text:
             help_text += f" (default: {_default_text(f)})"
@@ -264,12 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         optional = typing.get_origin(tp) is typing.Union
         base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
         if base is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(base) in (list, List):
             (item,) = typing.get_args(base)
-            parser.add_argument(flag, dest=name, nargs="*", type=item, metavar=name.upper(), help=help_text)
+            parser.add_argument(*flags, dest=name, nargs="*", type=item, metavar=name.upper(), help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=_parse_cli_value(tp), choices=choices,
+            parser.add_argument(*flags, dest=name, type=_parse_cli_value(tp), choices=choices,
                                 metavar=None if choices else name.upper(), help=help_text)
     return parser
 
@@ -294,7 +368,11 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Confi
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """Defaults, then the recipe, then --config FILE, then command-line flags."""
-    cli = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise _unknown_flag(unknown[0], parser)
+    cli = vars(namespace)
     config_file = cli.pop("config", None)
     from_file = load_yaml(config_file) if config_file else {}
     recipe = cli.get("recipe", from_file.get("recipe", "paper"))
@@ -305,11 +383,16 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     values.update(cli)
     values["recipe"] = recipe
     # A file's values are checked here; flags were already converted by argparse.
-    return config_from_dict(values, source=config_file or "command line")
+    cfg = config_from_dict(values, source=config_file or "command line")
+    return cfg.set_given(frozenset(values) - {"recipe"})
 
 
 def validate(cfg: Config) -> None:
     """Checks that need more than the type: choices, ranges and combinations."""
+    if cfg.arch not in list_models():
+        close = difflib.get_close_matches(cfg.arch, list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"arch: unknown model {cfg.arch!r}{hint}; choose one of {', '.join(list_models())}")
     for name, f in _FIELDS.items():
         choices = f.metadata["choices"]
         value = getattr(cfg, name)
@@ -344,6 +427,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lr_gamma must be in (0, 1], got {cfg.lr_gamma}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (timm mixes pairs), got {cfg.batch_size}")
+    smallest = min_image_size(get_spec(cfg.arch))
+    if cfg.image_size < smallest:
+        raise ConfigError(f"image_size: {cfg.image_size} px is too small for {cfg.arch}, whose stem and "
+                          f"transitions need at least {smallest} px; use --image-size {smallest} or more")
+    if cfg.auto_augment and cfg.auto_augment != "none" and cfg.decode == "device":
+        raise ConfigError("auto_augment: augmentation policies work on decoded images in the loader workers, "
+                          "which --decode device leaves undecoded; use --decode cpu or drop --auto-augment")
     if not cfg.data:
         raise ConfigError("data: no data given; pass --data /path/to/imagenet (with train/ and val/) or --data demo")
     if cfg.evaluate and not cfg.weights:
@@ -374,11 +464,17 @@ def save_config(cfg: Config, path: Path, derived: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
+# Keys that say where and how a run is driven and logged, not what it computes: a resumed run that
+# changes them changes none of its numbers, so they are not reported as config changes.
+_LOGISTICS = frozenset({"resume", "output_dir", "evaluate", "weights", "results_file", "workers", "log_every",
+                        "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_tags"})
+
+
 def config_changes(old: Mapping[str, Any], new: Config) -> List[str]:
-    """Human-readable differences between a checkpoint's config and the current one."""
+    """Human-readable differences that matter between a checkpoint's config and the current one."""
     current = config_to_dict(new)
     changes = []
-    for key in sorted(set(old) | set(current)):
+    for key in sorted((set(old) | set(current)) - _LOGISTICS):
         if old.get(key, "<absent>") != current.get(key, "<absent>"):
             changes.append(f"{key}: {old.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}")
     return changes

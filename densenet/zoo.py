@@ -73,6 +73,17 @@ def list_models() -> List[str]:
     return sorted(MODEL_SPECS)
 
 
+def min_image_size(spec: DenseNetSpec) -> int:
+    """The smallest input side for which every stage still has at least one pixel.
+
+    The ImageNet stem halves twice (7x7/2 conv, padded 3x3/2 max-pool: n -> ceil(n/2) each), and
+    each transition's 2x2 average pool floors a half; below this size a pooling layer fails deep
+    inside the first forward.
+    """
+    side = 2 ** (len(spec.block_config) - 1)  # what the last dense block needs after the stem
+    return 4 * side - 3 if spec.stem == "imagenet" else side
+
+
 def get_spec(name: str, **overrides) -> DenseNetSpec:
     """The spec registered under `name`, with any field overridden (e.g. num_classes)."""
     try:
