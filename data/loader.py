@@ -1,8 +1,9 @@
 """The two loaders the trainer uses: ``build_train_loader`` and ``build_eval_loader``.
 
 Both yield ``(images, targets, bad)``: images uint8 [B, 3, H, W] (contiguous NCHW; normalise on the
-device with IMAGENET_MEAN/STD), targets int64 [B], bad bool [B] (True where an unreadable file was
-replaced by another sample). Layout problems are raised here, before any worker starts.
+device with IMAGENET_MEAN/STD), targets int64 [B], bad bool [B] (True where a file was unreadable:
+in training the sample is another one that replaced it, in evaluation a blank placeholder with
+target -1 that the metrics must leave out). Layout problems are raised here, before any worker starts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -17,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .classes import class_names
-from .datasets import EvalFolderDataset, Sample, TrainFolderDataset
+from .datasets import EvalFolderDataset, Sample, TooManyUnreadable, TrainFolderDataset
 from .device_decode import (DECODE_MODES, DecodeAhead, DeviceDecoder, EncodedTrainTransform, collate_encoded,
                             resolve_device)
 from .layouts import dataset_root, load_split
@@ -40,16 +43,73 @@ def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torc
     return images, targets, bad, unreadable
 
 
-class UnreadableFiles:
-    """Logs each unreadable file once per process, with its path and the decoder's complaint."""
+def _one_line(text: str) -> str:
+    """A tab or line break inside a path or a complaint would break the list's line format."""
+    return text.replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
-    def __init__(self) -> None:
+
+class UnreadableList:
+    """A run's list of unreadable files, ``path<TAB>reason`` a line, each path once over all ranks
+    and all attempts (resumes) of the run.
+
+    Every rank appends the files it meets itself, so the loader needs no collective: ranks read
+    different files and, in evaluation, different numbers of batches, so no batch is one that every
+    rank reaches (gathering at rank 0 would need the trainer to call in at such a point). Each line
+    is one ``os.write`` to an ``O_APPEND`` descriptor, which the kernel puts at the end of the file
+    whole, so lines of several ranks never interleave (on a node's own disks, Lustre and GPFS; NFS
+    does not make O_APPEND atomic across hosts). Before a path is added the lines written since the
+    last look are read, so a path that another rank or an earlier attempt listed is not repeated; two
+    ranks that meet the same new file at the same instant may still both list it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listed: set[str] = set()
+        self._read_upto = 0  # bytes of the file already in ``listed``
+
+    def add(self, path: str, reason: str) -> bool:
+        """List ``path`` unless it is listed already; True if this call listed it."""
+        path = _one_line(path)
+        self._catch_up()
+        if path in self.listed:
+            return False
+        self.listed.add(path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, os.fsencode(f"{path}\t{_one_line(reason)}\n"))
+        finally:
+            os.close(fd)
+        return True
+
+    def _catch_up(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._read_upto)
+                new = f.read()
+        except FileNotFoundError:
+            return
+        new = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._read_upto += len(new)
+        self.listed.update(os.fsdecode(line.split(b"\t", 1)[0]) for line in new.splitlines())
+
+
+class UnreadableFiles:
+    """Reports each unreadable file once, with its path and the decoder's complaint: by default a
+    warning per process; with a ``listing``, a line in it, and a warning only when the line is added."""
+
+    def __init__(self, fate: str) -> None:
+        self.fate = fate  # what became of the sample, for the warning
         self.seen: set[str] = set()
+        self.listing: UnreadableList | None = None
 
     def report(self, path: str, reason: str) -> None:
-        if path not in self.seen:
-            self.seen.add(path)
-            log.warning("unreadable image replaced by another sample: %s (%s)", path, reason)
+        if path in self.seen:
+            return
+        self.seen.add(path)
+        if self.listing is None:
+            log.warning("unreadable image %s: %s (%s)", self.fate, path, reason)
+        elif self.listing.add(path, reason):
+            log.warning("unreadable image %s: %s (%s); listed in %s", self.fate, path, reason, self.listing.path)
 
 
 def _check_workers(workers: int, batch_size: int) -> None:
@@ -61,6 +121,21 @@ def _check_workers(workers: int, batch_size: int) -> None:
 
 def _already_batched(batch):
     return batch
+
+
+# The training process's stop signals (densenet/signals.py). Launchers send them to every process
+# they can reach: torchrun to each rank's whole process group, SLURM to every process of the step.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's first act: ignore the stop signals. The training process handles them and
+    shuts its workers down when it is done; a worker that died of SIGTERM (torch's own handler lets
+    only the parent's SIGTERM end a worker quietly) would make the training process raise "DataLoader
+    worker is killed by signal" in the middle of its step, before it could save its checkpoint. A
+    worker whose training process is gone ends by itself (torch's watchdog, within seconds)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, prefetch_factor: int,
@@ -80,13 +155,15 @@ def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, 
     else:
         extra.update(batch_size=None, collate_fn=_already_batched)
     return DataLoader(dataset, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                      generator=generator, **extra)
+                      generator=generator, worker_init_fn=_ignore_stop_signals if workers > 0 else None, **extra)
 
 
 class _Loader:
     """What both loaders share: class metadata and the bad-file bookkeeping of the main process.
     ``decoder``, if given, turns each worker batch into its final form on the device, a few batches
     ahead of the consumer (``DecodeAhead``)."""
+
+    unreadable_fate: str  # what becomes of an unreadable file's sample, said in its warning
 
     def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_batches: int,
                  decoder: DeviceDecoder | None = None):
@@ -95,11 +172,17 @@ class _Loader:
         self.class_names = class_names(self.classes)
         self.num_classes = len(self.classes)
         self.num_batches = num_batches
-        self.unreadable = UnreadableFiles()
+        self.unreadable = UnreadableFiles(self.unreadable_fate)
         self.decoder = decoder
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def record_unreadable_to(self, path: str | os.PathLike) -> None:
+        """From now on, list each unreadable file this loader meets in the file ``path`` (the run
+        folder's ``unreadable.txt``) once per run, instead of warning about it in every process;
+        the console still gets one line when a file is first listed. See ``UnreadableList``."""
+        self.unreadable.listing = UnreadableList(Path(path))
 
     def _batches(self) -> Iterator[Batch]:
         batches = iter(self.dataloader)
@@ -110,6 +193,13 @@ class _Loader:
                 for path, reason in unreadable:
                     self.unreadable.report(path, reason)
                 yield images, targets, bad
+        except TooManyUnreadable as e:
+            # From a worker it comes back as the text of the worker's traceback, whose last line
+            # is the one-line message: say that line, not the worker's traceback.
+            lines = str(e).strip().splitlines()
+            if len(lines) > 1:
+                raise TooManyUnreadable(lines[-1].split(f"{TooManyUnreadable.__name__}: ", 1)[-1]) from None
+            raise
         finally:  # an epoch left early stops its decode thread before the next one starts
             if isinstance(batches, DecodeAhead):
                 batches.close()
@@ -121,6 +211,8 @@ class TrainLoader(_Loader):
     from shards also of the worker count and world size (see data/shard_stream.py). With
     ``decode="device"``, ``decoder`` is the ``DeviceDecoder`` (its ``counts`` say where images were
     decoded) and the images arrive on its device."""
+
+    unreadable_fate = "replaced by another sample"
 
     def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
                  batch_size: int, decoder: DeviceDecoder | None = None):
@@ -138,7 +230,10 @@ class TrainLoader(_Loader):
 
 class EvalLoader(_Loader):
     """This rank's share of the validation set; over all ranks every image comes exactly once.
-    ``num_samples`` counts all ranks, ``rank_num_samples`` this one."""
+    ``num_samples`` counts all ranks, ``rank_num_samples`` this one; unreadable files among them
+    come as placeholders flagged ``bad`` (target -1), to be left out of the metrics and counted."""
+
+    unreadable_fate = "left out of the evaluation"
 
     def __init__(self, dataloader: DataLoader, classes: Sequence[str], num_samples: int,
                  rank_num_samples: int, num_batches: int):

@@ -23,8 +23,11 @@ the usual compromise of streamed data.
 Evaluation: slots read disjoint shards in order, without shuffling, so every sample comes exactly
 once over all ranks; ranks may get different numbers of batches (and a rank with no shard none).
 
-An unreadable sample is replaced by another one from the buffer and flagged, as in folder mode; an
-unreadable shard (truncated tar) is reported and its remaining samples are skipped.
+An unreadable sample is flagged, as in folder mode: in training it is replaced by another one from
+the buffer, in evaluation it stays a blank placeholder the metrics leave out. An unreadable shard
+(truncated tar) is reported; training skips its remaining samples, evaluation counts each sample the
+index promised but the shard lost as an unreadable placeholder, so every indexed sample is accounted
+for.
 """
 
 from __future__ import annotations
@@ -32,13 +35,12 @@ from __future__ import annotations
 import functools
 import itertools
 import tarfile
-from collections import deque
 from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import MAX_REPLACEMENTS, Sample, too_many_unreadable
+from .datasets import MAX_REPLACEMENTS, Sample, too_many_unreadable, unreadable_placeholder
 from .decode import UnreadableImage
 from .rng import SHARD_ORDER, SHARD_SAMPLE, SHARD_STREAM, key_generator
 from .samplers import check_rank
@@ -87,14 +89,13 @@ def iter_shard(path: str, reports: list[tuple[str, str]], expected: int | None =
 
 
 class StreamBuffer:
-    """Read-ahead buffer over a sample stream: random order when given a generator (the shuffle
-    buffer), stored order otherwise. Its contents double as the pool replacements come from."""
+    """The shuffle buffer over a sample stream. Its contents double as the pool replacements come from."""
 
-    def __init__(self, stream: Iterator[RawSample], size: int, generator: torch.Generator | None):
+    def __init__(self, stream: Iterator[RawSample], size: int, generator: torch.Generator):
         self.stream = stream
         self.size = max(1, size)
         self.generator = generator
-        self.items: list[RawSample] | deque[RawSample] = [] if generator is not None else deque()
+        self.items: list[RawSample] = []
 
     def _pick(self, n: int) -> int:
         return int(torch.randint(n, (1,), generator=self.generator))
@@ -105,20 +106,13 @@ class StreamBuffer:
             if len(items) < self.size:
                 items.append(sample)
                 continue
-            if self.generator is None:
-                yield items.popleft()
-                items.append(sample)
-            else:
-                j = self._pick(len(items))
-                yield items[j]
-                items[j] = sample
+            j = self._pick(len(items))
+            yield items[j]
+            items[j] = sample
         while items:
-            if self.generator is None:
-                yield items.popleft()
-            else:
-                j = self._pick(len(items))
-                items[j], items[-1] = items[-1], items[j]
-                yield items.pop()
+            j = self._pick(len(items))
+            items[j], items[-1] = items[-1], items[j]
+            yield items.pop()
 
 
 class PassBuffers:
@@ -149,11 +143,6 @@ def random_buffered(items, generator: torch.Generator) -> Iterator[RawSample]:
         if not items:
             return
         yield items[int(torch.randint(len(items), (1,), generator=generator))]
-
-
-def read_ahead(items) -> Iterator[RawSample]:
-    """Replacement candidates for evaluation: the samples read ahead, in order."""
-    yield from list(items)
 
 
 def decode_sample(raw: RawSample, decode) -> Sample:
@@ -280,7 +269,7 @@ class ShardEvalStream(IterableDataset):
     """Yields this worker's batches of its shards in stored order; the last one may be short."""
 
     def __init__(self, index: ShardIndex, transform: EvalTransform, *, batch_size: int, rank: int,
-                 world_size: int, collate, read_ahead: int = 16):
+                 world_size: int, collate):
         check_rank(rank, world_size)
         self.index = index
         self.transform = transform
@@ -288,7 +277,6 @@ class ShardEvalStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.collate = collate
-        self.read_ahead = read_ahead
 
     def worker_shards(self, worker: int, workers: int) -> list[int]:
         slots = self.world_size * workers
@@ -302,22 +290,35 @@ class ShardEvalStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         worker, workers = _worker()
         reports: list[tuple[str, str]] = []
-
-        def stream():
-            for shard in self.worker_shards(worker, workers):
-                yield from iter_shard(self.index.path(shard), reports, self.index.counts[shard])
-
-        buffer = StreamBuffer(stream(), self.read_ahead, None)
-        last_good: RawSample | None = None
         samples: list[Sample] = []
-        for raw in buffer:
-            sample, last_good = decode_or_replace(raw, self.transform, read_ahead(buffer.items), last_good)
-            samples.append(sample)
-            if len(samples) == self.batch_size:
-                yield self._batch(samples, reports)
-                samples = []
+        for shard in self.worker_shards(worker, workers):
+            for sample in self._shard_samples(shard, reports):
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    yield self._batch(samples, reports)
+                    samples = []
         if samples:
             yield self._batch(samples, reports)
+
+    def _shard_samples(self, shard: int, reports: list[tuple[str, str]]) -> Iterator[Sample]:
+        """Every sample the index lists for the shard: the ones it holds, then a placeholder for each
+        one a truncated shard lost, carrying the shard's report (the last thing ``iter_shard`` says
+        when it reads fewer samples than the index lists)."""
+        path, expected = self.index.path(shard), self.index.counts[shard]
+        shard_reports: list[tuple[str, str]] = []
+        read = 0
+        for raw in iter_shard(path, shard_reports, expected):
+            read += 1
+            yield self._decode(raw)
+        reports.extend(shard_reports)
+        for _ in range(expected - read):
+            yield unreadable_placeholder(self.transform, UnreadableImage(*shard_reports[-1]))
+
+    def _decode(self, raw: RawSample) -> Sample:
+        try:
+            return decode_sample(raw, self.transform)
+        except UnreadableImage as err:
+            return unreadable_placeholder(self.transform, err)
 
     def _batch(self, samples, reports):
         batch = self.collate(samples)

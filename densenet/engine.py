@@ -162,12 +162,12 @@ class EvalResult:
     top1: float
     top5: float
     loss: float
-    count: int
-    bad: int = 0
+    count: int  # the images evaluated: the readable ones
+    unreadable: int = 0  # validation files that could not be decoded, left out of everything above
 
     def as_dict(self, prefix: str = "") -> Dict[str, float]:
         return {f"{prefix}top1": self.top1, f"{prefix}top5": self.top5, f"{prefix}loss": self.loss,
-                f"{prefix}count": self.count}
+                f"{prefix}count": self.count, f"{prefix}unreadable": self.unreadable}
 
 
 @dataclass
@@ -471,7 +471,8 @@ def average_batchnorm_statistics(model: nn.Module, info: DistInfo) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: DeviceNormalize,
              amp_dtype: Optional[torch.dtype]) -> EvalResult:
-    """Top-1/top-5 and loss over the whole validation set, each image counted once across ranks.
+    """Top-1/top-5 and loss over the readable images of the validation set, each counted once across
+    ranks; unreadable ones (flagged ``bad`` by the loader) are left out and counted apart.
 
     Runs the plain module, not the DDP wrapper: ranks may have different numbers of batches,
     and DDP's forward would wait for collectives the other ranks never join.
@@ -480,10 +481,18 @@ def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: Device
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, loss
-    count = bad = 0  # counted on the host, from host tensors: no copy to the device per batch
+    count = unreadable = 0  # counted on the host, from host tensors: no copy to the device per batch
     criterion = nn.CrossEntropyLoss(reduction="sum")
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for images, targets, bad_mask in loader:
+        batch_unreadable = int(bad_mask.sum())
+        if batch_unreadable:
+            # Dropped on the host, before the copy: the model never sees a placeholder, and the
+            # batches without one (nearly all) pay nothing.
+            unreadable += batch_unreadable
+            images, targets = images[~bad_mask], targets[~bad_mask]
+            if not len(targets):
+                continue
         x = normalize(images)
         y = targets.to(device, non_blocking=True)
         with autocast:
@@ -494,15 +503,20 @@ def evaluate(model: nn.Module, loader: Any, *, info: DistInfo, normalize: Device
         sums += torch.cat([torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double(),
                            criterion(logits, y).double().view(1)])
         count += targets.numel()
-        bad += int(bad_mask.sum())
     model.train(was_training)
-    totals = torch.cat([sums, torch.tensor([float(count), float(bad)], dtype=torch.float64, device=device)])
-    top1, top5, loss, count, bad = all_reduce(totals, info).tolist()
-    if int(count) != loader.num_samples:
-        raise RuntimeError(f"evaluation saw {int(count)} images across ranks but the validation set has "
-                           f"{loader.num_samples}; the evaluation loader must visit every image exactly once")
-    n = max(count, 1.0)
-    return EvalResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n, loss=loss / n, count=int(count), bad=int(bad))
+    totals = torch.cat([sums, torch.tensor([float(count), float(unreadable)], dtype=torch.float64, device=device)])
+    top1, top5, loss, count, unreadable = all_reduce(totals, info).tolist()
+    count, unreadable = int(count), int(unreadable)
+    if count + unreadable != loader.num_samples:
+        raise RuntimeError(f"evaluation saw {count} readable and {unreadable} unreadable images across ranks, "
+                           f"{count + unreadable} in all, but the validation set has {loader.num_samples}; "
+                           "the evaluation loader must visit every image exactly once")
+    if count == 0 and unreadable:
+        raise RuntimeError(f"none of the {unreadable} validation images could be read; the dataset looks broken "
+                           "(wrong folder, unfinished copy or unmounted filesystem?)")
+    n = max(count, 1)
+    return EvalResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n, loss=loss / n, count=count,
+                      unreadable=unreadable)
 
 
 def seed_all(seed: int) -> None:

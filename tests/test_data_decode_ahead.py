@@ -15,7 +15,7 @@ from PIL import Image
 from _data_util import build_imagefolder, small_jpeg, sample_files, write_undefined_huffman_table
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
-from data.datasets import Sample
+from data.datasets import Sample, TooManyUnreadable
 from data.device_decode import DeviceDecoder, EncodedCrop, collate_encoded, device_decodable, is_progressive
 from data.rng import key_generator
 from data.transforms import TrainTransform
@@ -74,7 +74,7 @@ def test_an_error_in_the_decode_thread_reaches_the_consumer(tmp_path):
         write_undefined_huffman_table(root / "train" / wnids[0] / f"huffman{k}.JPEG")
     loader = loader_for(root, "device", batch_size=2)
     loader.set_epoch(0)
-    with pytest.raises(RuntimeError, match="unreadable images in a row"):
+    with pytest.raises(TooManyUnreadable, match="unreadable images in a row"):
         list(loader)
     assert decode_threads() == []
 
