@@ -11,6 +11,10 @@ workers but not SIGUSR1: under torchrun, send SIGUSR1 to the worker processes th
 One signal often arrives twice: Ctrl-C reaches every process of the terminal's foreground group and
 torchrun forwards it again; SLURM signals every process of a step and torchrun forwards that too.
 So a repeat within DUPLICATE_WINDOW_S of the first signal is taken as the same request.
+
+torchrun and SLURM signal every rank, so only rank 0 says that the first signal arrived (one line
+per job, not one per rank); rank 0's "stopped by a signal at step N" line follows in any case, also
+when the signal reached only other ranks. A second signal is reported by every rank it ends.
 """
 from __future__ import annotations
 
@@ -28,6 +32,16 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DUPLICATE_WINDOW_S = 2.0
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun's RANK, else SLURM's SLURM_PROCID,
+    else 0), known before the process group exists, so that a signal handler can use it."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 class StopRequest:
     """Records the first stop signal; installing it replaces the handlers of HANDLED signals."""
 
@@ -35,6 +49,7 @@ class StopRequest:
         self.signum: Optional[int] = None
         self._first_at = 0.0
         self._pid = os.getpid()
+        self._speaks = launch_rank() == 0  # says that the first signal arrived
 
     def install(self) -> "StopRequest":
         for sig in HANDLED:
@@ -56,6 +71,8 @@ class StopRequest:
             os._exit(128 + signum)
         self.signum = signum
         self._first_at = time.monotonic()
+        if not self._speaks:
+            return
         # os.write rather than print: a handler may interrupt a print and re-enter the same stream.
         os.write(2, f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving a checkpoint, "
                     f"then exiting with status {EXIT_INTERRUPTED}; send it again to exit at once\n".encode())
