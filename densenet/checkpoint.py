@@ -197,15 +197,16 @@ def choose_resume(run_dir: Path, resume: str, report: Callable[[str], None]) -> 
     return found[0] if found else None
 
 
-def check_fits(ckpt: Dict[str, Any], arch: str, num_classes: int) -> None:
+def check_fits(ckpt: Dict[str, Any], path: str, arch: str, num_classes: Optional[int]) -> None:
     """One line saying what a checkpoint holds when it is not the network this run builds, instead of
-    load_state_dict's list of every mismatched tensor."""
+    load_state_dict's list of every mismatched tensor (classes are compared when known)."""
     classifier = ckpt["model"].get("classifier.weight")
     saved_classes = int(classifier.shape[0]) if classifier is not None else None
-    if ckpt["arch"] != arch or (saved_classes is not None and saved_classes != num_classes):
-        raise CheckpointError(f"{ckpt.get('_path', 'the checkpoint')} holds a {ckpt['arch']} with {saved_classes} "
-                              f"classes, but this run builds a {arch} with {num_classes}; pass --arch {ckpt['arch']} "
-                              "(and the same data) to continue it, or give a new --output-dir")
+    if ckpt["arch"] != arch or (None not in (saved_classes, num_classes) and saved_classes != num_classes):
+        wanted = f"a {arch}" + (f" with {num_classes} classes" if num_classes is not None else "")
+        raise CheckpointError(f"{path} holds a {ckpt['arch']} with {saved_classes} classes, but this run builds "
+                              f"{wanted}; pass --arch {ckpt['arch']} (and the same data) to continue it, or give "
+                              "a new --output-dir")
 
 
 class CheckpointSaver:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Mapping, NoReturn, Optional
+from typing import Any, Callable, List, Mapping, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -231,3 +231,39 @@ def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
     # Pickled to bytes first so that tensors inside do not need to live on the collective's device.
     dist.all_gather_object(out, pickle.dumps(obj))
     return [pickle.loads(b) for b in out]
+
+
+# --- refusing bad input together ----------------------------------------------------------------
+# A bad input found by one rank must stop every rank at the same point, with the message printed
+# once: a rank that exits alone leaves the others in a collective (and torchrun then adds a
+# "Connection reset by peer" traceback of its own).
+
+class SharedError(Exception):
+    """A refusal that every rank raises with the same message; rank 0 prints it."""
+
+
+def decided_by_main(info: DistInfo, decide: Callable[[], Any], refusals: Tuple[type, ...]) -> Any:
+    """Rank 0's answer on every rank, or its refusal (one of `refusals`) raised on every rank."""
+    outcome: Any = None
+    if info.is_main:
+        try:
+            outcome = ("answer", decide())
+        except refusals as e:
+            outcome = ("refusal", str(e))
+    kind, value = broadcast_object(outcome, info)
+    if kind == "refusal":
+        raise SharedError(value)
+    return value
+
+
+def checked_on_every_rank(info: DistInfo, check: Callable[[], Any], refusals: Tuple[type, ...]) -> Any:
+    """`check()` on every rank; if any rank refuses, all raise the lowest such rank's message."""
+    result, message = None, None
+    try:
+        result = check()
+    except refusals as e:
+        message = str(e)
+    first = next((m for m in gather_objects(message, info) if m is not None), None)
+    if first is not None:
+        raise SharedError(first)
+    return result

@@ -1,11 +1,13 @@
-"""What rank 0 tells the user: console lines and the metrics.jsonl file of the run folder.
+"""What rank 0 tells the user: console lines, the metrics.jsonl file and summary.csv of the run folder.
 
-Every JSONL line is one JSON object with at least "kind" ("train", "eval", "epoch" or "event"),
-"epoch" (the 1-based number of the epoch the line belongs to), "step" (global optimizer step) and
-"time" (Unix seconds), plus the metric values.
+summary.csv holds one row per evaluation (timm's habit), for a spreadsheet or pandas. Every JSONL
+line is one JSON object with at least "kind" ("train", "eval", "epoch" or "event"), "epoch" (the
+1-based number of the epoch the line belongs to), "step" (global optimizer step) and "time" (Unix
+seconds), plus the metric values.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import resource
@@ -43,6 +45,7 @@ class RunLog:
         self.is_main = is_main
         self.stream = stream
         self._jsonl = open(run_dir / "metrics.jsonl", "a") if (is_main and run_dir is not None) else None
+        self._summary = run_dir / "summary.csv" if (is_main and run_dir is not None) else None
 
     def print(self, message: str) -> None:
         if self.is_main:
@@ -54,6 +57,20 @@ class RunLog:
         line = {"kind": kind, "epoch": epoch, "step": step, "time": round(time.time(), 3), **values}
         self._jsonl.write(json.dumps(line, allow_nan=True) + "\n")
         self._jsonl.flush()
+
+    def summary(self, row: Dict[str, Any]) -> None:
+        """Append one row to summary.csv; a resumed run keeps the columns the file already has."""
+        if self._summary is None:
+            return
+        columns = list(row)
+        if self._summary.is_file() and self._summary.stat().st_size:
+            with open(self._summary, newline="") as f:
+                columns = next(csv.reader(f), columns)
+        with open(self._summary, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -239,7 +239,9 @@ def load_checkpoint_file(path: PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
         lines = str(exc).strip().splitlines()
-        detail = lines[0][:200] if lines else "no further detail"
+        # torch's own first sentence only: after it, weights_only failures go on to suggest
+        # weights_only=False, which is no fix for a file that is not a checkpoint at all.
+        detail = lines[0].split(". ")[0][:200] if lines else "no further detail"
         raise WeightsError(
             f"{path} could not be read as a PyTorch weights file ({type(exc).__name__}: {detail}); "
             f"is it a complete .pt/.pth file written by torch.save?"
