@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import Sample, too_many_unreadable
 from .decode import Source, UnreadableImage, open_image
+from .sample import Sample, too_many_unreadable
 from .transforms import Erasure, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ def read_source(source: Source) -> bytes:
 
 class EncodedTrainTransform:
     """The worker's half: file -> ``EncodedCrop``, or the CPU path's pixels for a file the device
-    should not decode. Called like ``TrainTransform`` and drawing from the generator in the same
-    order, so datasets, shard streams and their replacement of unreadable files work unchanged."""
+    should not decode. Called like ``TrainTransform`` (both are ``TrainSampleTransform``s) and
+    drawing from the generator in the same order, so datasets, shard streams and their replacement
+    of unreadable files work unchanged."""
 
     def __init__(self, transform: TrainTransform):
         if transform.augment is not None:

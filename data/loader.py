@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from .classes import class_names
-from .datasets import EvalFolderDataset, Sample, TooManyUnreadable, TrainFolderDataset
+from .datasets import EvalFolderDataset, TrainFolderDataset
 from .device_decode import (DECODE_MODES, DecodeAhead, DeviceDecoder, EncodedTrainTransform, collate_encoded,
                             resolve_device)
 from .layouts import dataset_root, load_split
 from .rng import WORKERS, key_seed
+from .sample import Sample, TooManyUnreadable
 from .samplers import EvalBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
 from .shards import is_shard_dir, read_index

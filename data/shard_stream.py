@@ -40,12 +40,12 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import MAX_REPLACEMENTS, Sample, too_many_unreadable, unreadable_placeholder
 from .decode import UnreadableImage
 from .rng import SHARD_ORDER, SHARD_SAMPLE, SHARD_STREAM, key_generator
+from .sample import (MAX_REPLACEMENTS, EvalSampleTransform, Sample, TrainSampleTransform, too_many_unreadable,
+                     unreadable_placeholder)
 from .samplers import check_rank
 from .shards import IMAGE_SUFFIXES, ShardIndex
-from .transforms import EvalTransform, TrainTransform
 
 
 class RawSample(NamedTuple):
@@ -209,7 +209,7 @@ def slot_samples(index: ShardIndex, shard_order: list[int], slot: int, slots: in
 class ShardTrainStream(IterableDataset):
     """Yields this worker's whole collated batches of the epoch set in ``epoch``."""
 
-    def __init__(self, index: ShardIndex, transform: TrainTransform, *, batch_size: int, rank: int,
+    def __init__(self, index: ShardIndex, transform: TrainSampleTransform, *, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle_buffer: int, epoch: ShardEpoch, collate):
         check_rank(rank, world_size)
         self.index = index
@@ -268,7 +268,7 @@ class ShardTrainStream(IterableDataset):
 class ShardEvalStream(IterableDataset):
     """Yields this worker's batches of its shards in stored order; the last one may be short."""
 
-    def __init__(self, index: ShardIndex, transform: EvalTransform, *, batch_size: int, rank: int,
+    def __init__(self, index: ShardIndex, transform: EvalSampleTransform, *, batch_size: int, rank: int,
                  world_size: int, collate):
         check_rank(rank, world_size)
         self.index = index

@@ -15,9 +15,9 @@ from PIL import Image
 from _data_util import build_imagefolder, small_jpeg, sample_files, write_undefined_huffman_table
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
-from data.datasets import Sample, TooManyUnreadable
 from data.device_decode import DeviceDecoder, EncodedCrop, collate_encoded, device_decodable, is_progressive
 from data.rng import key_generator
+from data.sample import Sample, TooManyUnreadable
 from data.transforms import TrainTransform
 from densenet.bench.gpu_correctness import build_trainer
 from densenet.checkpoint import Progress

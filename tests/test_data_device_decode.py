@@ -15,10 +15,10 @@ from _data_util import (build_imagefolder, jpeg_bytes, sample_files, small_jpeg,
                         write_zero_byte)
 
 from data import build_train_loader
-from data.datasets import Sample
 from data.device_decode import (DeviceDecoder, EncodedCrop, EncodedTrainTransform, collate_encoded,
                                 device_decodable)
 from data.rng import SAMPLE, key_generator
+from data.sample import Sample
 from data.shards import convert
 from data.transforms import TrainTransform
 
