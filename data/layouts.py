@@ -95,14 +95,22 @@ def describe_dir(path: Path, limit: int = 5) -> str:
 def dataset_root(root: str | os.PathLike) -> Path:
     """Check that ROOT exists and holds splits; step into a Kaggle download's CLS-LOC folder."""
     path = Path(root).expanduser()
+    _check_root_folder(path)
+    if _is_kaggle_download(path):
+        return path / KAGGLE_SUBDIR
+    return path
+
+
+def _check_root_folder(path: Path) -> None:
     if not path.exists():
         raise DataLayoutError(f"data root {path} does not exist; pass the folder that holds train/ "
                               f"and val/ ({EXPECTED_LAYOUTS})")
     if not path.is_dir():
         raise DataLayoutError(f"data root {path} is a file, not a folder; {EXPECTED_LAYOUTS}")
-    if not (path / "train").is_dir() and not (path / "val").is_dir() and (path / KAGGLE_SUBDIR).is_dir():
-        return path / KAGGLE_SUBDIR
-    return path
+
+
+def _is_kaggle_download(path: Path) -> bool:
+    return not (path / "train").is_dir() and not (path / "val").is_dir() and (path / KAGGLE_SUBDIR).is_dir()
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -125,10 +133,20 @@ def find_classes(root: Path) -> tuple[str, ...]:
 
 
 def load_split(root: str | os.PathLike, split: str, classes: tuple[str, ...] | None = None) -> SampleTable:
-    """Read the file list and labels of ``ROOT/<split>`` in whichever layout it is."""
-    root = dataset_root(root)
+    """Read the file list and labels of ``ROOT/<split>`` in whichever layout it is; ROOT as given
+    (``dataset_root`` checks it, and steps into a Kaggle download)."""
+    return read_split(dataset_root(root), split, classes)
+
+
+def read_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> SampleTable:
+    """``load_split`` of a root ``dataset_root`` (or ``resolve_data_root``) returned, taken as it is."""
+    root = Path(root)
+    _check_root_folder(root)
     split_dir = root / split
     if not split_dir.is_dir():
+        if _is_kaggle_download(root):
+            raise DataLayoutError(f"{root} is a Kaggle download with no {split}/ folder of its own: pass "
+                                  f"{root / KAGGLE_SUBDIR}, which resolve_data_root({str(root)!r}) returns")
         raise DataLayoutError(f"{root} has no {split}/ folder; found {describe_dir(root)}; "
                               f"{EXPECTED_LAYOUTS}")
     classes = find_classes(root) if classes is None else tuple(classes)

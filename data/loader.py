@@ -23,7 +23,7 @@ from .classes import class_names
 from .datasets import EvalFolderDataset, TrainFolderDataset
 from .device_decode import (DECODE_MODES, DecodeAhead, DeviceDecoder, EncodedTrainTransform, collate_encoded,
                             resolve_device)
-from .layouts import dataset_root, load_split
+from .layouts import read_split
 from .rng import WORKERS, key_seed
 from .sample import Sample, TooManyUnreadable
 from .samplers import EvalBatchSampler, TrainBatchSampler
@@ -270,6 +270,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training loader for a dataset folder ROOT (any layout ``data.layouts`` reads) or a folder
     of tar shards written by ``python -m data.shards`` (streamed through a ``shuffle_buffer``).
+    ROOT is taken as ``resolve_data_root`` returns it, not resolved again.
 
     ``decode="cpu"``: workers decode, crop and resize; images arrive as CPU tensors.
     ``decode="device"``: workers only read the files and draw the crops; ``device`` (default: the
@@ -288,7 +289,7 @@ def build_train_loader(
         worker_transform, collate_fn = EncodedTrainTransform(transform), collate_encoded
     loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=seed,
                           rank=rank, multiprocessing_context=multiprocessing_context)
-    root = dataset_root(root)
+    root = Path(root)
     if is_shard_dir(root):
         index = read_index(root, split)
         epoch = ShardEpoch(index.num_samples // (batch_size * world_size))
@@ -301,7 +302,7 @@ def build_train_loader(
         dataloader = _dataloader(stream, **loader_options)
         sampler, classes, num_samples = epoch, index.classes, index.num_samples
     else:
-        table = load_split(root, split)
+        table = read_split(root, split)
         sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
         dataloader = _dataloader(TrainFolderDataset(table, worker_transform, seed), batch_sampler=sampler,
                                  collate_fn=collate_fn, **loader_options)
@@ -329,7 +330,8 @@ def build_eval_loader(
 ) -> EvalLoader:
     """The evaluation loader: resize the shorter side to ``resize_size``, center crop ``image_size``;
     every image of ``ROOT/<split>`` (or of its shards) once over all ranks. ``crop_fraction`` (e.g.
-    0.875, or timm's ``crop_pct``) sets ``resize_size = floor(image_size / crop_fraction)`` instead."""
+    0.875, or timm's ``crop_pct``) sets ``resize_size = floor(image_size / crop_fraction)`` instead.
+    ROOT is taken as ``resolve_data_root`` returns it, not resolved again."""
     _check_workers(workers, batch_size)
     if crop_fraction is not None:
         if not 0 < crop_fraction <= 1:
@@ -340,7 +342,7 @@ def build_eval_loader(
     transform = EvalTransform(image_size, resize_size, interpolation=interpolation)
     loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0,
                           rank=rank, multiprocessing_context=multiprocessing_context)
-    root = dataset_root(root)
+    root = Path(root)
     if is_shard_dir(root):
         index = read_index(root, split)
         stream = ShardEvalStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
@@ -349,7 +351,7 @@ def build_eval_loader(
         num_batches = sum(-(-count // batch_size) for count in counts)
         return EvalLoader(_dataloader(stream, **loader_options), index.classes, index.num_samples,
                           sum(counts), num_batches)
-    table = load_split(root, split)
+    table = read_split(root, split)
     sampler = EvalBatchSampler(len(table), batch_size, rank, world_size)
     dataloader = _dataloader(EvalFolderDataset(table, transform), batch_sampler=sampler, **loader_options)
     return EvalLoader(dataloader, table.classes, len(table), len(sampler.indices), len(sampler))

@@ -119,6 +119,10 @@ def test_kaggle_download_root_is_understood(tmp_path):
     assert root == cls_loc
     table = load_split(tmp_path, "val")
     assert table.targets.tolist() == expected_targets(labels, sorted(set(image_wnids())))
+    # the loaders take the resolved root as it is, and say which folder to pass instead of the top
+    assert build_eval_loader(root, image_size=32, resize_size=36, batch_size=4, workers=0).num_samples == 8
+    with pytest.raises(DataLayoutError, match=r"is a Kaggle download .*: pass .*CLS-LOC"):
+        build_eval_loader(tmp_path, image_size=32, resize_size=36, batch_size=4, workers=0)
 
 
 def test_val_images_of_classes_missing_from_train_are_skipped(tmp_path, caplog):
