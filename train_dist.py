@@ -50,9 +50,9 @@ import torch  # noqa: E402
 import densenet  # noqa: E402
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,  # noqa: E402
                   resolve_data_root)
+from data.files import atomic_write_bytes  # noqa: E402
 from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress,  # noqa: E402
-                                 atomic_write_bytes, capture_rng_state, check_fits, choose_resume, load_checkpoint,
-                                 restore_rng_state)
+                                 capture_rng_state, check_fits, choose_resume, load_checkpoint, restore_rng_state)
 from densenet.config import config_changes, config_to_dict, save_config  # noqa: E402
 from densenet.distributed import (DistInfo, SharedError, all_reduce, barrier, checked_on_every_rank,  # noqa: E402
                                   decided_by_main, default_workers, exit_without_teardown, gather_objects,

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, keep-K, finding the newest valid one, RNG state for exact resume.
+"""Checkpoint files: atomic writes (data/files.py), keep-K, finding the newest valid one, RNG state for exact resume.
 
 A checkpoint is a plain dict saved with torch.save and loadable with ``torch.load(weights_only=True)``:
 
@@ -17,7 +17,6 @@ A checkpoint is a plain dict saved with torch.save and loadable with ``torch.loa
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -26,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from data.files import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -104,34 +105,6 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 
 # --- files -----------------------------------------------------------------------------------------
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
 
 def serialize(state: Dict[str, Any]) -> bytes:
     buf = io.BytesIO()
@@ -215,7 +188,8 @@ class CheckpointSaver:
     def __init__(self, run_dir: Path, keep_epochs: int) -> None:
         self.run_dir = run_dir
         self.keep_epochs = keep_epochs
-        # Temp files left by a save that was killed half-way are garbage, never a checkpoint.
+        # Temp files left by a save that was killed half-way are garbage, never a checkpoint
+        # (atomic_write_bytes names them .<name>.tmp-<pid>).
         for stale in run_dir.glob(".*.pt.tmp-*"):
             stale.unlink(missing_ok=True)
 

@@ -33,7 +33,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes, serialize
+from data.files import atomic_write_bytes
+
+from .checkpoint import serialize
 from .zoo import MODEL_SPECS, DenseNetSpec
 
 StateDict = Dict[str, Tensor]
