@@ -26,6 +26,8 @@ from typing import Any, Dict, FrozenSet, List, Mapping, NoReturn, Optional, Sequ
 
 import yaml
 
+from data.files import atomic_write_bytes
+
 from .zoo import get_spec, list_models, min_image_size
 
 
@@ -459,9 +461,8 @@ def save_config(cfg: Config, path: Path, derived: Mapping[str, Any]) -> None:
     """Write the resolved config as YAML that --config accepts back; derived values go in comments."""
     header = "".join(f"# {k}: {v}\n" for k, v in derived.items())
     body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved config of this run (usable with --config)\n" + header + body)
-    tmp.replace(path)
+    text = "# resolved config of this run (usable with --config)\n" + header + body
+    atomic_write_bytes(path, text.encode())
 
 
 # Keys that say where and how a run is driven and logged, not what it computes: a resumed run that
