@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write, atomic_write_bytes
 from .layouts import DataLayoutError, SampleTable, load_split
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shard(table: SampleTable, indices: np.ndarray, out: Path, progress=None) -> int:
     """Write one shard atomically; returns its sample count. Unreadable source files are copied
     as they are: the loaders replace and count them when they read them."""
-    tmp = out.with_name(f".{out.name}.partial")
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    # A fixed temporary name: the next run overwrites what a killed one left.
+    with atomic_write(out, temp=out.with_name(f".{out.name}.partial")) as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for index in indices.tolist():
             relative = table.paths[index].decode()
             key = sample_key(relative)
@@ -125,7 +127,6 @@ def write_shard(table: SampleTable, indices: np.ndarray, out: Path, progress=Non
             _add_member(tar, f"{key}.cls", str(int(table.targets[index])).encode())
             if progress is not None:
                 progress.update(1)
-    os.replace(tmp, out)
     return len(indices)
 
 
@@ -217,10 +218,9 @@ def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, *, samp
         "classes": list(table.classes),
         "shards": [{"name": shard_name(split, n), "samples": counts[n]} for n in range(len(plan))],
     }
-    tmp = index_path(out, split).with_suffix(".json.partial")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path(out, split))
-    return index_path(out, split)
+    index_file = index_path(out, split)
+    atomic_write_bytes(index_file, json.dumps(index, indent=1).encode(), temp=index_file.with_suffix(".json.partial"))
+    return index_file
 
 
 def main(argv: list[str] | None = None) -> int:
