@@ -56,10 +56,6 @@ class StopRequest:
             signal.signal(sig, self._handle)
         return self
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def _handle(self, signum: int, frame: object) -> None:
         if os.getpid() != self._pid:
             # A forked data-loader worker inherited this handler; the main process decides.

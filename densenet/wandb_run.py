@@ -89,10 +89,6 @@ class WandbRun:
     def active(self) -> bool:
         return self._run is not None
 
-    @property
-    def directory(self) -> Optional[str]:
-        return getattr(self._run, "dir", None) if self._run is not None else None
-
     def _fail(self, what: str, error: BaseException) -> None:
         self._report(f"warning: W&B {what} failed ({type(error).__name__}: {error}); training continues without W&B")
         self._run = None
