@@ -239,7 +239,7 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
     while not run_complete(progress, cfg):
         stats = trainer.train_epoch(train_loader, progress, stop, on_checkpoint=lambda: save(epoch_end=False))
         if stats.end is EpochEnd.NONFINITE:
-            return stop_nonfinite(progress, stats.extra["step"], stats.extra["step_loss"], run_dir, log, wandb)
+            return stop_nonfinite(progress, stats.nonfinite_step, stats.nonfinite_loss, run_dir, log, wandb)
         if stats.end is EpochEnd.SIGNAL:
             save(epoch_end=False)
             return exit_interrupted(stats.signal, stop, log, wandb, progress)

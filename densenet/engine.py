@@ -14,7 +14,7 @@ import contextlib
 import enum
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -177,7 +177,8 @@ class EpochStats:
     bad_samples: int = 0
     seconds: float = 0.0
     signal: int = 0  # the stop signal's number (the largest, if ranks received different ones)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    nonfinite_step: Optional[int] = None  # EpochEnd.NONFINITE: the optimizer step (1-based) whose loss was not finite
+    nonfinite_loss: Optional[float] = None  # and this rank's loss of that step
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,7 @@ class Trainer:
             if (checkpoint_due or last or max_reached) and not (verdict is not None and verdict.nonfinite):
                 verdict = agreement.flush()
             if verdict is not None and verdict.nonfinite:
-                return EpochStats(EpochEnd.NONFINITE, extra={"step_loss": verdict.loss.item(), "step": verdict.step})
+                return EpochStats(EpochEnd.NONFINITE, nonfinite_step=verdict.step, nonfinite_loss=verdict.loss.item())
             if progress.global_step % cfg.log_every == 0:
                 self._log_window(progress, step_in_epoch + 1, steps_per_epoch, timer, window_loss)
                 window_loss.zero_()

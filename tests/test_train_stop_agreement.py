@@ -100,8 +100,8 @@ def test_no_checkpoint_is_written_after_a_nonfinite_step(ckpt_every):
     saved = []
     progress = Progress(world_size=1, batch_size=4)
     stats = t.train_epoch(Batches(), progress, StopRequest(), on_checkpoint=lambda: saved.append(progress.global_step))
-    assert stats.end is EpochEnd.NONFINITE and stats.extra["step"] == 3
-    assert stats.extra["step_loss"] != stats.extra["step_loss"]  # NaN
+    assert stats.end is EpochEnd.NONFINITE and stats.nonfinite_step == 3
+    assert stats.nonfinite_loss != stats.nonfinite_loss  # NaN
     assert saved == ([2] if ckpt_every == 2 else [])  # never a checkpoint at or after step 3
 
 
