@@ -345,9 +345,6 @@ class Trainer:
             else:
                 self.ema.update(self.model)
 
-    def steps_per_epoch(self, loader: Any) -> int:
-        return len(loader) // self.cfg.accum_steps
-
     def train_epoch(self, loader: Any, progress: Progress, stop: StopRequest,
                     on_checkpoint: Callable[[], None]) -> EpochStats:
         """Optimizer steps from progress.batch_in_epoch to the end of progress.epoch (or an earlier stop).
@@ -356,7 +353,7 @@ class Trainer:
         weights; on_checkpoint() is called every cfg.ckpt_every steps (not at the epoch's end).
         """
         cfg, accum = self.cfg, self.cfg.accum_steps
-        steps_per_epoch = self.steps_per_epoch(loader)
+        steps_per_epoch = len(loader) // accum
         first_step = progress.batch_in_epoch // accum
         loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
         self.model.train()
