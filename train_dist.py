@@ -98,8 +98,8 @@ def pin_memory(cfg: Config, info: DistInfo) -> bool:
 
 
 def eval_loader_for(cfg: Config, root: Path, info: DistInfo) -> Any:
-    resize = cfg.eval_resize or round(cfg.image_size / 0.875)  # 224 -> 256, the usual centre crop ratio
-    return build_eval_loader(root, image_size=cfg.image_size, resize_size=resize,
+    # None: the loader's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place it is made)
+    return build_eval_loader(root, image_size=cfg.image_size, resize_size=cfg.eval_resize,
                              batch_size=cfg.eval_batch_size or cfg.batch_size, workers=workers_for(cfg, info),
                              rank=info.rank, world_size=info.world_size, pin_memory=pin_memory(cfg, info))
 

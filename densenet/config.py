@@ -114,7 +114,7 @@ class Config:
 
     # --- data pipeline
     image_size: int = _opt(224, "training crop and evaluation centre crop size")
-    eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: size / 0.875)")
+    eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: floor(size / 0.875), 224 -> 256)")
     eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
     workers: Optional[int] = _opt(None, "data loader workers per training process (default: its share of the "
                                   "CPUs, at most 8)")
