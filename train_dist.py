@@ -23,8 +23,8 @@ import sys
 import time
 import traceback
 
-from densenet.config import Config, ConfigError, parse_config
-from densenet.signals import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, StopRequest
+from densenet.training.config import Config, ConfigError, parse_config
+from densenet.training.signals import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, StopRequest
 
 
 def print_once(message: str) -> None:
@@ -51,17 +51,17 @@ import densenet  # noqa: E402
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,  # noqa: E402
                   resolve_data_root)
 from data.files import atomic_write_bytes  # noqa: E402
-from densenet.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress,  # noqa: E402
+from densenet.training.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress,  # noqa: E402
                                  capture_rng_state, check_fits, choose_resume, load_checkpoint, restore_rng_state)
-from densenet.config import config_changes, config_to_dict, save_config  # noqa: E402
-from densenet.distributed import (DistInfo, SharedError, all_reduce, barrier, checked_on_every_rank,  # noqa: E402
+from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
+from densenet.training.distributed import (DistInfo, SharedError, all_reduce, barrier, checked_on_every_rank,  # noqa: E402
                                   decided_by_main, default_workers, exit_without_teardown, gather_objects,
                                   init_distributed, shutdown)
-from densenet.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate,  # noqa: E402
+from densenet.training.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate,  # noqa: E402
                              prepare_model, resolve_amp, seed_all, use_channels_last)
-from densenet.metrics_log import RunLog, format_duration  # noqa: E402
-from densenet.optim import LRSchedule, build_optimizer, kernels_in_use, peak_lr  # noqa: E402
-from densenet.wandb_run import start_wandb  # noqa: E402
+from densenet.training.metrics_log import RunLog, format_duration  # noqa: E402
+from densenet.training.optim import LRSchedule, build_optimizer, kernels_in_use, peak_lr  # noqa: E402
+from densenet.training.wandb_run import start_wandb  # noqa: E402
 from densenet.weights import WeightsError, WeightsFile, read_weights  # noqa: E402
 
 # What a bad input raises: each names the problem and the fix in one line, and ends the run with exit 2.

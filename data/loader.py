@@ -124,7 +124,7 @@ def _already_batched(batch):
     return batch
 
 
-# The training process's stop signals (densenet/signals.py). Launchers send them to every process
+# The training process's stop signals (densenet/training/signals.py). Launchers send them to every process
 # they can reach: torchrun to each rank's whole process group, SLURM to every process of the step.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 

@@ -5,7 +5,7 @@
 """
 
 # Every name is imported on first use (PEP 562), not when the package is:
-# - `import densenet.config` (train_dist.py's --help and flag errors) and `densenet.zoo` need no
+# - `import densenet.training.config` (train_dist.py's --help and flag errors) and `densenet.zoo` need no
 #   torch, which takes seconds to import on a cold node;
 # - `python -m densenet.weights` runs that module as __main__; a copy already imported by the package
 #   would make runpy warn that it may run twice (and it would: two modules, two WeightsError classes).

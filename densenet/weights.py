@@ -35,7 +35,7 @@ from torch import Tensor
 
 from data.files import atomic_write_bytes
 
-from .checkpoint import serialize
+from .training.checkpoint import serialize
 from .zoo import MODEL_SPECS, DenseNetSpec
 
 StateDict = Dict[str, Tensor]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenet.checkpoint import (BEST, CHECKPOINT_FORMAT, LAST, CheckpointError, CheckpointSaver, Progress,
+from densenet.training.checkpoint import (BEST, CHECKPOINT_FORMAT, LAST, CheckpointError, CheckpointSaver, Progress,
                                  atomic_write_bytes, capture_rng_state, find_latest_valid, load_checkpoint,
                                  restore_rng_state)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from densenet.config import (RECIPES, Config, ConfigError, config_changes, config_from_dict, config_to_dict,
+from densenet.training.config import (RECIPES, Config, ConfigError, config_changes, config_from_dict, config_to_dict,
                              load_yaml, parse_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]

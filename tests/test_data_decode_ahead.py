@@ -20,8 +20,8 @@ from data.rng import key_generator
 from data.sample import Sample, TooManyUnreadable
 from data.transforms import TrainTransform
 from densenet.bench.gpu_correctness import build_trainer
-from densenet.checkpoint import Progress
-from densenet.signals import StopRequest
+from densenet.training.checkpoint import Progress
+from densenet.training.signals import StopRequest
 
 SEED = 3
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

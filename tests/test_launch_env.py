@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import densenet.distributed as D
+import densenet.training.distributed as D
 from slurm.trainrun import REPO, training_env
 
 LAUNCH = REPO / "launch"

@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import densenet
-from densenet.config import ConfigError, parse_config
+from densenet.training.config import ConfigError, parse_config
 
 # Some older releases trace checkpoint's context_fn (selective checkpointing) only behind this flag.
 _SAC_FLAG = "_experimental_support_context_fn_in_torch_utils_checkpoint"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from densenet.optim import load_optimizer_state
+from densenet.training.optim import load_optimizer_state
 
 CL = torch.channels_last
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from _train_util import REPO, TINY, demo_root, env
-from densenet.config import ConfigError, parse_config
-from densenet.distributed import DistInfo
-from densenet.engine import compile_model, configure_backends
-from densenet.optim import build_optimizer, kernels_in_use, optimizer_kernels
+from densenet.training.config import ConfigError, parse_config
+from densenet.training.distributed import DistInfo
+from densenet.training.engine import compile_model, configure_backends
+from densenet.training.optim import build_optimizer, kernels_in_use, optimizer_kernels
 
 
 def test_fast_path_is_on_by_default_and_each_part_switches_off():
@@ -90,8 +90,8 @@ def test_pinned_batches_only_for_cuda():
 
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    from densenet.config import parse_config
-    from densenet.engine import configure_backends
+    from densenet.training.config import parse_config
+    from densenet.training.engine import configure_backends
     configure_backends(parse_config(["--data", "demo", *sys.argv[1:]]), torch.device("cpu"))
     faults = []
     for _ in range(10):  # a training step's pattern in miniature: activations of several sizes, all freed

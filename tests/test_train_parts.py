@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from _train_util import REPO
-from densenet.config import parse_config
-from densenet.distributed import read_launch_env
-from densenet.engine import DeviceNormalize, resolve_amp
-from densenet.optim import LRSchedule, build_optimizer, load_optimizer_state
-from densenet.wandb_run import WandbRun, resolve_mode, start_wandb
+from densenet.training.config import parse_config
+from densenet.training.distributed import read_launch_env
+from densenet.training.engine import DeviceNormalize, resolve_amp
+from densenet.training.optim import LRSchedule, build_optimizer, load_optimizer_state
+from densenet.training.wandb_run import WandbRun, resolve_mode, start_wandb
 
 
 def test_launch_env_torchrun_slurm_and_single():
@@ -102,7 +102,7 @@ def test_signal_handling_in_a_real_process():
     script = textwrap.dedent("""
         import os, signal, sys, time
         sys.path.insert(0, sys.argv[1])
-        from densenet.signals import DUPLICATE_WINDOW_S, StopRequest
+        from densenet.training.signals import DUPLICATE_WINDOW_S, StopRequest
         stop = StopRequest().install()
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -127,7 +127,7 @@ def test_exit_without_teardown_flushes_and_stops_loader_workers(tmp_path):
         import os, socket, sys
         sys.path.insert(0, sys.argv[1])
         import torch, torch.distributed as dist
-        from densenet.distributed import exit_without_teardown
+        from densenet.training.distributed import exit_without_teardown
 
         def run():
             sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()

@@ -159,7 +159,7 @@ def test_only_rank_0_reports_the_first_signal(rank_env):
     script = textwrap.dedent("""
         import os, signal, sys, time
         sys.path.insert(0, sys.argv[1])
-        from densenet.signals import DUPLICATE_WINDOW_S, StopRequest
+        from densenet.training.signals import DUPLICATE_WINDOW_S, StopRequest
         stop = StopRequest().install()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM

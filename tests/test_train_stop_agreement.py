@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from densenet.bench.gpu_correctness import build_trainer
-from densenet.checkpoint import Progress
-from densenet.distributed import DistInfo
-from densenet.engine import EpochEnd, StopAgreement, auto_amp_dtype
-from densenet.signals import StopRequest
+from densenet.training.checkpoint import Progress
+from densenet.training.distributed import DistInfo
+from densenet.training.engine import EpochEnd, StopAgreement, auto_amp_dtype
+from densenet.training.signals import StopRequest
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
 BATCHES = 8

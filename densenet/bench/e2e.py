@@ -237,7 +237,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     import torch
 
-    from ..distributed import default_workers
+    from ..training.distributed import default_workers
 
     _check_args(args)
     if args.make_tree:
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = args.workers
     if workers is None:
-        from ..distributed import DistInfo
+        from ..training.distributed import DistInfo
         workers = default_workers(DistInfo(0, 1, 0, torch.device(device), None, "single"))
     with tempfile.TemporaryDirectory(prefix="densenet-e2e-") as tmp:
         workdir = Path(tmp)

@@ -151,8 +151,8 @@ def _one_mode(job: ModelJob, mode: str, device: Any) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from ..engine import compile_model
-    from ..optim import optimizer_kernels
+    from ..training.engine import compile_model
+    from ..training.optim import optimizer_kernels
     from .step import build_model
 
     amp = torch.bfloat16 if mode.startswith("bf16") else None
@@ -245,8 +245,8 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
 
     from data import build_train_loader
 
-    from ..checkpoint import Progress
-    from ..signals import StopRequest
+    from ..training.checkpoint import Progress
+    from ..training.signals import StopRequest
     from .gpu_correctness import FirstBatches, PremadeBatches, build_trainer
 
     device = torch.device(job.device)

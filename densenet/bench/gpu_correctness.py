@@ -96,12 +96,12 @@ def build_trainer(device: Any, *, accum_steps: int = 1, batch: int = 8, image_si
     from data import IMAGENET_MEAN, IMAGENET_STD
 
     from .. import create_model
-    from ..config import config_from_dict
-    from ..distributed import DistInfo
-    from ..engine import Trainer, configure_backends, prepare_model
-    from ..metrics_log import RunLog
-    from ..optim import LRSchedule, build_optimizer
-    from ..wandb_run import WandbRun
+    from ..training.config import config_from_dict
+    from ..training.distributed import DistInfo
+    from ..training.engine import Trainer, configure_backends, prepare_model
+    from ..training.metrics_log import RunLog
+    from ..training.optim import LRSchedule, build_optimizer
+    from ..training.wandb_run import WandbRun
 
     cfg = config_from_dict({"data": "none", "arch": arch, "batch_size": batch, "image_size": image_size,
                             "accum_steps": accum_steps, "amp": amp, "channels_last": channels_last,
@@ -122,8 +122,8 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
 
     from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
 
-    from ..checkpoint import Progress
-    from ..signals import StopRequest
+    from ..training.checkpoint import Progress
+    from ..training.signals import StopRequest
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
@@ -192,7 +192,7 @@ def _fused_resume(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch
 
     from .. import create_model
-    from ..optim import load_optimizer_state
+    from ..training.optim import load_optimizer_state
 
     results: Dict[str, Any] = {}
     ok = True
@@ -246,7 +246,7 @@ def _sync_bn(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch.distributed as dist
 
     from .. import create_model
-    from ..config import ConfigError, parse_config
+    from ..training.config import ConfigError, parse_config
 
     out: Dict[str, Any] = {}
     try:
@@ -286,9 +286,9 @@ def _sync_bn(job: CheckJob, device: Any) -> Dict[str, Any]:
 def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch
 
-    from ..checkpoint import Progress
-    from ..engine import evaluate, native_bf16, resolve_amp
-    from ..signals import StopRequest
+    from ..training.checkpoint import Progress
+    from ..training.engine import evaluate, native_bf16, resolve_amp
+    from ..training.signals import StopRequest
 
     if device.type != "cuda":
         return {"ok": True, "note": "torch.cuda.set_sync_debug_mode needs CUDA: nothing counted on the CPU"}
