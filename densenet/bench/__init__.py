@@ -4,6 +4,7 @@
     python -m densenet.bench loader ...     # our train loader vs ImageFolder + torchvision's preset
     python -m densenet.bench e2e ...        # train_dist.py vs a reference-style training loop
     python -m densenet.bench gpu ...        # the GPU check (one H200): CUDA-only checks, trainer, models
+    python -m densenet.bench pipeline ...   # one loader worker: our decode + augmentation vs torchvision's
     python -m densenet.bench decoders ...   # torchcodec vs torchvision vs PIL JPEG decoding
     python -m densenet.bench --help     # every benchmark and its options
 

@@ -23,8 +23,8 @@ from .common import print_table, write_json
 def add_parser(sub) -> None:
     p = sub.add_parser("decoders", help="torchcodec vs torchvision vs PIL JPEG decoding (CPU, and CUDA if present)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", default=None, help="folder of JPEG files (default: the ImageNet sample, else "
-                   "synthetic JPEGs)")
+    p.add_argument("--samples", default=None, help="folder of JPEG files (default: 100 synthetic "
+                   "JPEGs)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     p.set_defaults(run=run)

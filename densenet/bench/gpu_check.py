@@ -352,7 +352,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trainer-batch", type=int, default=None, help="batch of the trainer-loop rows (default 256; "
                    "quick: 4)")
     p.add_argument("--samples", default=None, help="folder of <class>_*.JPEG files for the JPEG rows "
-                   "(default: the ImageNet sample if present, else synthetic JPEGs)")
+                   "(default: synthetic JPEGs)")
     p.add_argument("--compile-backend", default=None, help="default inductor (quick: eager)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 in the fp32 rows")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new parts after this many "

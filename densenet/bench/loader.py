@@ -95,7 +95,7 @@ def _reference_batches(cfg: LoaderConfig, pin: bool) -> Iterator[Tuple[Any, Any]
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from data.bench import reference_train_preset
+    from .pipeline import reference_train_preset
 
     dataset = ImageFolder(os.path.join(cfg.root, "train"), transform=reference_train_preset(cfg.image_size))
     generator = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_reports_ours_torchvision_and_the_decode_floor(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "data.bench", "--root", str(SAMPLE_DIR), "--limit", "12",
-                          "--rounds", "1", "--image-size", "64", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "densenet.bench", "pipeline", "--root", str(SAMPLE_DIR),
+                          "--limit", "12", "--rounds", "1", "--image-size", "64", "--json", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     for name in ("ours", "torchvision", "floor"):
@@ -25,6 +25,6 @@ def test_bench_reports_ours_torchvision_and_the_decode_floor(tmp_path):
 
 
 def test_bench_refuses_a_folder_without_images(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "data.bench", "--root", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "densenet.bench", "pipeline", "--root", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "no *.JPEG/*.jpg/*.png files" in run.stderr

@@ -1,7 +1,7 @@
 """Decode + augmentation throughput of one loader worker, against torchvision and the decode floor.
 
-    python -m data.bench --root ../shared/imagenet-sample
-    python -m data.bench --root /datasets/imagenet/train --limit 2000 --image-size 224
+    python -m densenet.bench pipeline --root ../shared/imagenet-sample
+    python -m densenet.bench pipeline --root /datasets/imagenet/train --limit 2000 --image-size 224
 
 Three pipelines run in one process with one torch thread (what a DataLoader worker gets), over the
 same files (already in the page cache after a warm-up pass), in alternating rounds so that a noisy
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,9 +31,9 @@ import PIL
 import torch
 from PIL import Image
 
-from .layouts import is_image_file
-from .rng import key_generator
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_backend, pillow_simd_installed
+from data.layouts import is_image_file
+from data.rng import key_generator
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_backend, pillow_simd_installed
 
 
 def find_images(root: Path, limit: int) -> list[str]:
@@ -88,16 +87,20 @@ def time_pass(fn: Callable[[str], object], files: list[str]) -> tuple[float, flo
     return len(files) / (time.process_time() - cpu), len(files) / (time.perf_counter() - wall)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_parser(sub) -> None:
+    parser = sub.add_parser("pipeline", help="one loader worker's decode + augmentation: ours vs torchvision's "
+                            "preset vs the decode floor", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, type=Path, help="folder searched recursively for images")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--limit", type=int, default=1000, help="at most this many files (spread evenly)")
     parser.add_argument("--rounds", type=int, default=5, help="timed passes per pipeline (median reported)")
     parser.add_argument("--resize-backend", default="auto", choices=["auto", "torch", "pil"])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    args = parser.parse_args(argv)
+    parser.set_defaults(run=run)
 
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     files = find_images(args.root, args.limit)
     pipelines = {
@@ -136,7 +139,3 @@ def main(argv: list[str] | None = None) -> int:
             "ours_vs_torchvision": speedup, "floor_vs_ours": floor_ratio,
         }, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
