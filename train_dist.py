@@ -158,8 +158,9 @@ def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
     checked_on_every_rank(info, lambda: check_output_dir(run_dir), BAD_INPUT)
     resume_path = decided_by_main(info, lambda: resume_file(cfg, run_dir), BAD_INPUT)
     ckpt = checked_on_every_rank(info, lambda: load_checked(resume_path, cfg), BAD_INPUT) if resume_path else None
-    if ckpt is not None and run_complete(Progress.from_dict(ckpt["progress"]), cfg):
-        return say_complete(resume_path, Progress.from_dict(ckpt["progress"]), cfg, info)
+    saved = Progress.from_dict(ckpt["progress"]) if ckpt is not None else None
+    if saved is not None and run_complete(saved, cfg):
+        return say_complete(resume_path, saved, cfg, info)
     start_weights = None
     if cfg.weights and ckpt is None:
         start_weights = checked_on_every_rank(info, lambda: read_weights(cfg.weights), BAD_INPUT)
