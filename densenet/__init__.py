@@ -5,14 +5,14 @@
 """
 
 # Every name is imported on first use (PEP 562), not when the package is:
-# - `import densenet.training.config` (train_dist.py's --help and flag errors) and `densenet.zoo` need no
+# - `import densenet.training.config` (train_dist.py's --help and flag errors) and `densenet.specs` need no
 #   torch, which takes seconds to import on a cold node;
 # - `python -m densenet.weights` runs that module as __main__; a copy already imported by the package
 #   would make runpy warn that it may run twice (and it would: two modules, two WeightsError classes).
 _EXPORTS = {
     "model": ("DenseNet", "create_model", "densenet121", "densenet161", "densenet169", "densenet201",
               "densenet_bc_100", "densenet_tiny"),
-    "zoo": ("MODEL_SPECS", "DenseNetSpec", "get_spec", "list_models"),
+    "specs": ("MODEL_SPECS", "DenseNetSpec", "get_spec", "list_models"),
     "weights": ("WeightsError", "WeightsFile", "export_torchvision", "load_state_dict_file", "load_weights",
                 "read_weights"),
 }

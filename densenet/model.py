@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor
 
-from .zoo import DenseNetSpec, get_spec, list_models
+from .specs import DenseNetSpec, get_spec, list_models
 
 __all__ = ["DenseNet", "create_model", "list_models", "densenet121", "densenet169", "densenet201",
            "densenet161", "densenet_bc_100", "densenet_tiny"]
@@ -165,7 +165,7 @@ class _Transition(nn.Sequential):
 
 
 class DenseNet(nn.Module):
-    """One general DenseNet-BC; the named variants in `densenet.zoo` are specs for it."""
+    """One general DenseNet-BC; the named variants in `densenet.specs` are specs for it."""
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .weights import WeightsError, WeightsFile, read_weights
-from .zoo import get_spec, list_models
+from .specs import get_spec, list_models
 
 _LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
 

@@ -3,7 +3,7 @@
     python -m densenet.summary                 # all models
     python -m densenet.summary densenet121 --num-classes 100 --image-size 160
 
-Both are computed from the DenseNetSpec (densenet/zoo.py), layer by layer, without building a
+Both are computed from the DenseNetSpec (densenet/specs.py), layer by layer, without building a
 network or running it (and without importing torch), so the table is immediate. MACs follow the
 convention of torchvision's published "GFLOPS" and fvcore: the multiply-accumulates of the
 convolutions (stem, every bottleneck's 1x1 and 3x3, every transition's 1x1) and of the classifier's
@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from .zoo import DenseNetSpec, get_spec, list_models
+from .specs import DenseNetSpec, get_spec, list_models
 
 
 @dataclass(frozen=True)

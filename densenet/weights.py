@@ -36,7 +36,7 @@ from torch import Tensor
 from data.files import atomic_write_bytes
 
 from .training.checkpoint import serialize
-from .zoo import MODEL_SPECS, DenseNetSpec
+from .specs import MODEL_SPECS, DenseNetSpec
 
 StateDict = Dict[str, Tensor]
 PathLike = Union[str, os.PathLike]

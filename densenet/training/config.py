@@ -28,7 +28,7 @@ import yaml
 
 from data.files import atomic_write_bytes
 
-from ..zoo import get_spec, list_models, min_image_size
+from ..specs import get_spec, list_models, min_image_size
 
 
 class ConfigError(ValueError):

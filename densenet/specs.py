@@ -1,4 +1,4 @@
-"""The named DenseNet-BC architectures, as data.
+"""The architecture specs: every named DenseNet-BC, as data.
 
 Every named model is one `DenseNetSpec`; the single general builder in `densenet.model` turns a spec
 into a network. Adding a variant means adding a row here, not a class.
