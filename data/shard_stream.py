@@ -1,33 +1,7 @@
-"""Reading tar shards as a stream: split over ranks and workers, shuffled through a buffer, with
-the same number of batches on every rank so that DDP never waits for a rank that ran dry.
-
-Training, per epoch (all draws seeded by the run's seed and the epoch):
-
-* the shard list is permuted, and the reader slots (rank x worker) take every n-th shard of it; with
-  fewer shards than slots, every slot reads every shard and keeps every n-th sample instead;
-* each slot streams its shards through a shuffle buffer (``shuffle_buffer`` samples of encoded
-  bytes, about 110 kB each for ImageNet), cycling over them again if it needs more samples than
-  they hold, and yields exactly its share of the rank's ``num_samples // (world_size * batch_size)``
-  batches: batch b of a rank comes from worker ``b % workers``, matching DataLoader's round robin;
-* each sample's crop, flip and augmentation come from a generator keyed by (seed, epoch, slot,
-  position in the slot's stream).
-
-Exactness, stated plainly: the batches are a pure function of (seed, epoch, shards, world_size,
-workers, batch_size, shuffle_buffer). A resume with those unchanged is bitwise exact at any batch:
-each worker replays its stream up to the resume point, reading but not decoding the skipped samples
-(I/O only). Unlike the folder loader, a different worker count or world size gives a different
-(equally valid) order, because the stream is split by reader slot. Within an epoch a slot may see a
-few samples twice and others not at all (shards are dealt whole and slots are topped up by cycling),
-the usual compromise of streamed data.
-
-Evaluation: slots read disjoint shards in order, without shuffling, so every sample comes exactly
-once over all ranks; ranks may get different numbers of batches (and a rank with no shard none).
-
-An unreadable sample is flagged, as in folder mode: in training it is replaced by another one from
-the buffer, in evaluation it stays a blank placeholder the metrics leave out. An unreadable shard
-(truncated tar) is reported; training skips its remaining samples, evaluation counts each sample the
-index promised but the shard lost as an unreadable placeholder, so every indexed sample is accounted
-for.
+"""Reading tar shards as a stream: split over reader slots (rank x worker), shuffled through a
+buffer, with the same number of batches on every rank so that DDP never waits for a rank that ran
+dry. What the order is, what a resume replays and what exactness it gives are described once, for
+users, in docs/data.md ("Tar shards"); the code below is the reference for the details.
 """
 
 from __future__ import annotations
