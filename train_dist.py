@@ -42,25 +42,24 @@ if __name__ == "__main__":
         print_once(f"error: {e}")
         sys.exit(EXIT_CONFIG_ERROR)
 
-from pathlib import Path  # noqa: E402  (everything below may import torch)
+from dataclasses import dataclass  # noqa: E402  (everything below may import torch)
+from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
-
-import torch  # noqa: E402
 
 import densenet  # noqa: E402
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,  # noqa: E402
                   resolve_data_root)
 from data.files import atomic_write_bytes  # noqa: E402
-from densenet.training.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointSaver, Progress,  # noqa: E402
-                                 capture_rng_state, check_fits, choose_resume, load_checkpoint, restore_rng_state)
+from densenet.training.checkpoint import CheckpointError, Checkpointer, Progress, Resumed, check_fits  # noqa: E402
 from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
-from densenet.training.distributed import (DistInfo, SharedError, all_reduce, barrier, checked_on_every_rank,  # noqa: E402
-                                  decided_by_main, default_workers, exit_without_teardown, gather_objects,
-                                  init_distributed, shutdown)
-from densenet.training.engine import (DeviceNormalize, EpochEnd, Trainer, configure_backends, evaluate,  # noqa: E402
-                             prepare_model, resolve_amp, seed_all, use_channels_last)
-from densenet.training.metrics_log import RunLog, format_duration  # noqa: E402
-from densenet.training.optim import LRSchedule, build_optimizer, kernels_in_use, peak_lr  # noqa: E402
+from densenet.training.distributed import (DistInfo, SharedError, barrier, checked_on_every_rank,  # noqa: E402
+                                           exit_without_teardown, init_distributed, shutdown)
+from densenet.training.engine import EpochEnd, EpochStats, Trainer, build_trainer, prepare_model  # noqa: E402
+from densenet.training.evaluation import evaluate  # noqa: E402
+from densenet.training.inputs import DeviceNormalize  # noqa: E402
+from densenet.training.optim import kernels_in_use, peak_lr  # noqa: E402
+from densenet.training.reporting import Reporter, format_duration, unreadable_note  # noqa: E402
+from densenet.training.settings import RunSettings, configure_backends, resolve_settings, seed_all  # noqa: E402
 from densenet.training.wandb_run import start_wandb  # noqa: E402
 from densenet.weights import WeightsError, WeightsFile, read_weights  # noqa: E402
 
@@ -77,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     stop = StopRequest().install()  # before anything slow, so an early signal is not lost
     info = init_distributed(cfg.device, cfg.deterministic)
     try:
-        return evaluate_weights(cfg, info) if cfg.evaluate else train(cfg, info, stop)
+        run = checked_on_every_rank(info, lambda: resolve_settings(cfg, info), BAD_INPUT)
+        return evaluate_weights(cfg, info, run) if cfg.evaluate else train(cfg, info, run, stop)
     except SharedError as e:  # refused by every rank together: said once
         if info.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -89,27 +89,70 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutdown(info)
 
 
-def workers_for(cfg: Config, info: DistInfo) -> int:
-    return cfg.workers if cfg.workers is not None else default_workers(info)
+def train(cfg: Config, info: DistInfo, run: RunSettings, stop: StopRequest) -> int:
+    started = time.monotonic()
+    run_dir = cfg.run_dir()
+    # --- every refusal comes first: before the run folder, a loader or a W&B run exists
+    checked_on_every_rank(info, lambda: check_output_dir(run_dir), BAD_INPUT)
+    checkpoints = Checkpointer(run_dir, cfg, info)
+    resumed = checkpoints.find_resume(BAD_INPUT)
+    if resumed is not None and run_complete(resumed.progress, cfg):
+        return say_complete(resumed, cfg, info)
+    start_weights = (checked_on_every_rank(info, lambda: read_start_weights(cfg), BAD_INPUT)
+                     if cfg.weights and resumed is None else None)
+    train_loader, val_loader = checked_on_every_rank(info, lambda: build_loaders(cfg, info, run), BAD_INPUT)
+    plan = checked_on_every_rank(info, lambda: plan_run(cfg, info, train_loader, resumed), BAD_INPUT)
+    cfg = plan.cfg  # with the checkpoint's peak lr, when it is kept
+
+    # --- the run folder and what is reported to it: rank 0 writes, every rank reads the same folder
+    reporter = open_run_folder(cfg, info, plan, resumed)
+    for loader in (train_loader, val_loader):  # each unreadable file listed once in the run folder
+        loader.record_unreadable_to(run_dir / "unreadable.txt")
+    configure_backends(cfg, info.device)
+
+    # --- model, optimizer, lr schedule (the same initial weights on every rank); then resume,
+    # or start from --weights (or from scratch)
+    trainer = build_trainer(cfg, info, run, num_classes=plan.num_classes, steps_per_epoch=plan.steps_per_epoch,
+                            peak_lr=plan.peak_lr, reporter=reporter)
+    checkpoints.start_writing(classes=train_loader.classes, wandb_run_id=reporter.wandb.id, report=reporter.print)
+    if resumed is not None:
+        checkpoints.restore(trainer, resumed, run.rank_seed)
+        say_resumed(resumed, plan, cfg, reporter)
+    else:
+        seed_all(run.rank_seed)  # dropout and mixup differ per rank from here on
+        if start_weights is not None:
+            load_initial_weights(trainer.model, start_weights, cfg.arch, reporter)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml", plan.derived())
+    describe_run(cfg, info, run, trainer, train_loader, val_loader, plan)
+
+    # --- the epoch loop: the trainer keeps the counters and asks for checkpoints within an epoch
+    while not run_complete(trainer.progress, cfg):
+        stats = trainer.train_epoch(train_loader, stop, checkpoints)
+        if stats.end is EpochEnd.NONFINITE:
+            return stop_nonfinite(stats, run_dir, reporter)
+        if stats.end is EpochEnd.SIGNAL:
+            checkpoints.save(trainer, epoch_end=False)
+            return exit_interrupted(stats.signal, stop, reporter, trainer.progress)
+        is_best = trainer.end_epoch(stats, val_loader)
+        checkpoints.save(trainer, epoch_end=stats.complete, is_best=is_best)
+        signum = trainer.agreed_signal(stop)  # one that came during the evaluation may be on some ranks only
+        if signum:
+            return exit_interrupted(signum, stop, reporter, trainer.progress)
+    progress = trainer.progress
+    reporter.finish(EXIT_OK)  # before the last line, so that wandb's closing notes do not bury it
+    reporter.print(f"finished in {format_duration(time.monotonic() - started)}: best val top1 "
+                   f"{progress.best_top1:.2f} at epoch {progress.best_epoch} ({run_dir / 'best.pt'}); "
+                   f"run folder {run_dir}")
+    return EXIT_OK
 
 
-def pin_memory(cfg: Config, info: DistInfo) -> bool:
-    return cfg.pin_memory and info.device.type == "cuda"
-
-
-def eval_loader_for(cfg: Config, root: Path, info: DistInfo) -> Any:
-    # None: the loader's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place it is made)
-    return build_eval_loader(root, image_size=cfg.image_size, resize_size=cfg.eval_resize,
-                             batch_size=cfg.eval_batch_size or cfg.batch_size, workers=workers_for(cfg, info),
-                             rank=info.rank, world_size=info.world_size, pin_memory=pin_memory(cfg, info))
-
-
-def evaluate_weights(cfg: Config, info: DistInfo) -> int:
+def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
     """--evaluate: top-1/top-5 of --weights (ours or torchvision's) over the whole validation set."""
     weights = checked_on_every_rank(info, lambda: read_weights(cfg.weights), BAD_INPUT)
     cfg = checked_on_every_rank(info, lambda: settings_of(weights, cfg), BAD_INPUT)
     results_file = Path(cfg.results_file or cfg.run_dir() / f"eval_{Path(cfg.weights).stem}.json")
-    val_loader = checked_on_every_rank(info, lambda: eval_loader_for(cfg, resolve_data_root(cfg.data), info),
+    val_loader = checked_on_every_rank(info, lambda: eval_loader(cfg, info, run, resolve_data_root(cfg.data)),
                                        BAD_INPUT)
     configure_backends(cfg, info.device)
     model = densenet.create_model(cfg.arch, num_classes=cfg.num_classes or weights.num_classes)
@@ -118,9 +161,9 @@ def evaluate_weights(cfg: Config, info: DistInfo) -> int:
     except RuntimeError as e:
         raise SharedError(f"weights: {cfg.weights} does not fit --arch {cfg.arch}: "
                           f"{str(e).splitlines()[0]}") from None
-    model = prepare_model(model, cfg, info)
-    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, info.device, use_channels_last(cfg, info.device))
-    result = evaluate(model, val_loader, info=info, normalize=normalize, amp_dtype=resolve_amp(cfg.amp, info.device))
+    model = prepare_model(model, cfg, run)
+    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, run.device, run.channels_last)
+    result = evaluate(model, val_loader, info=info, normalize=normalize, amp_dtype=run.amp_dtype)
     if info.is_main:
         results = {"weights": cfg.weights, "arch": cfg.arch, "image_size": cfg.image_size, "data": cfg.data,
                    **result.as_dict()}
@@ -151,125 +194,6 @@ def settings_of(weights: WeightsFile, cfg: Config) -> Config:
     return cfg.with_values(**changes)
 
 
-def train(cfg: Config, info: DistInfo, stop: StopRequest) -> int:
-    started = time.monotonic()
-    run_dir = cfg.run_dir()
-    # --- every refusal comes first: before the run folder, a loader or a W&B run exists
-    checked_on_every_rank(info, lambda: check_output_dir(run_dir), BAD_INPUT)
-    resume_path = decided_by_main(info, lambda: resume_file(cfg, run_dir), BAD_INPUT)
-    ckpt = checked_on_every_rank(info, lambda: load_checked(resume_path, cfg), BAD_INPUT) if resume_path else None
-    saved = Progress.from_dict(ckpt["progress"]) if ckpt is not None else None
-    if saved is not None and run_complete(saved, cfg):
-        return say_complete(resume_path, saved, cfg, info)
-    start_weights = None
-    if cfg.weights and ckpt is None:
-        start_weights = checked_on_every_rank(info, lambda: read_weights(cfg.weights), BAD_INPUT)
-        checked_on_every_rank(info, lambda: check_weights_arch(start_weights, cfg), BAD_INPUT)
-    train_loader, val_loader = checked_on_every_rank(info, lambda: build_loaders(cfg, info), BAD_INPUT)
-    steps_per_epoch = len(train_loader) // cfg.accum_steps
-    num_classes = cfg.num_classes or train_loader.num_classes
-    checked_on_every_rank(info, lambda: check_data_fits(cfg, train_loader, steps_per_epoch, num_classes,
-                                                        info.world_size, ckpt, resume_path), BAD_INPUT)
-
-    # --- the run folder and its logs: rank 0 writes, every rank reads the same folder
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
-    log = RunLog(run_dir, info.is_main)
-    for loader in (train_loader, val_loader):  # each unreadable file listed once in the run folder
-        loader.record_unreadable_to(run_dir / "unreadable.txt")
-    restart_count = int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
-    configure_backends(cfg, info.device)
-
-    # --- model, optimizer, learning-rate schedule (lr scaled linearly to the global batch)
-    seed_all(cfg.seed)  # the same on every rank, so every rank builds the same initial weights
-    model = densenet.create_model(cfg.arch, num_classes=num_classes, memory_efficient=cfg.memory_efficient,
-                                  drop_rate=cfg.drop_rate)
-    model = prepare_model(model, cfg, info)
-    global_batch = cfg.batch_size * info.world_size * cfg.accum_steps
-    changes = config_changes(ckpt["config"], cfg) if ckpt is not None else []  # as the user asked
-    if ckpt is not None:
-        cfg = keep_checkpoint_lr(cfg, ckpt, global_batch, log)
-    lr = peak_lr(cfg, global_batch)
-    optimizer = build_optimizer(model, cfg, lr)
-    schedule = LRSchedule.from_config(cfg, lr, steps_per_epoch)
-    derived = {"world_size": info.world_size, "global_batch_size": global_batch, "peak_lr": lr,
-               "steps_per_epoch": steps_per_epoch, "num_classes": num_classes}
-
-    # --- resume, or start from --weights (or from scratch)
-    progress = Progress(world_size=info.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps)
-    wandb = start_wandb(mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name,
-                        tags=cfg.wandb_tags, config={**config_to_dict(cfg), **derived}, run_dir=run_dir,
-                        run_id=ckpt.get("wandb_run_id") if ckpt else None, is_main=info.is_main, report=log.print)
-    trainer = Trainer(model, optimizer, schedule, cfg, info, num_classes=num_classes, mean=IMAGENET_MEAN,
-                      std=IMAGENET_STD, log=log, wandb=wandb)
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt, report=log.print)
-        progress = resume_progress(ckpt, resume_path, cfg, info, log)
-        for change in changes:
-            log.print(f"config changed since the checkpoint: {change}")
-        if cfg.weights:
-            log.print(f"note: resuming, so --weights {cfg.weights} is not used (pass --no-resume to start from it)")
-        log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="resumed",
-                   from_step=progress.global_step, restart_count=restart_count, checkpoint=resume_path)
-    else:
-        seed_all(cfg.seed + 1000 * info.rank)  # dropout and mixup differ per rank from here on
-        if start_weights is not None:
-            load_initial_weights(model, start_weights, cfg.arch, log)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml", derived)
-    describe_run(cfg, info, log, model, trainer, train_loader, val_loader, derived, restart_count)
-
-    # --- checkpoints: all ranks take part (RNG states are gathered), rank 0 writes
-    saver = CheckpointSaver(run_dir, cfg.keep_epochs) if info.is_main else None
-
-    def save(epoch_end: bool, is_best: bool = False) -> None:
-        rng = gather_objects(capture_rng_state(info.device), info)
-        if saver is not None:
-            state = {"format": CHECKPOINT_FORMAT, "arch": cfg.arch, "config": config_to_dict(cfg),
-                     **trainer.state_dict(), "progress": progress.to_dict(), "rng": rng,
-                     "classes": list(train_loader.classes), "wandb_run_id": wandb.id}
-            written = saver.save(state, epoch_end=epoch_end, is_best=is_best)
-            batches = steps_per_epoch * cfg.accum_steps
-            at = (f"end of epoch {progress.epoch}" if progress.batch_in_epoch == 0 else
-                  f"epoch {progress.epoch + 1}, batch {progress.batch_in_epoch} of {batches}")
-            log.print(f"saved {', '.join(p.name for p in written)} ({at}, step {progress.global_step})")
-        barrier(info)  # nobody moves on (or exits) before the files are complete
-
-    # --- the epoch loop
-    while not run_complete(progress, cfg):
-        stats = trainer.train_epoch(train_loader, progress, stop, on_checkpoint=lambda: save(epoch_end=False))
-        if stats.end is EpochEnd.NONFINITE:
-            return stop_nonfinite(progress, stats.nonfinite_step, stats.nonfinite_loss, run_dir, log, wandb)
-        if stats.end is EpochEnd.SIGNAL:
-            save(epoch_end=False)
-            return exit_interrupted(stats.signal, stop, log, wandb, progress)
-        epoch_number = progress.epoch + 1  # 1-based, as printed and recorded
-        epoch_done = progress.batch_in_epoch >= steps_per_epoch * cfg.accum_steps
-        if epoch_done:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-        epochs_float = progress.epoch + progress.batch_in_epoch / (steps_per_epoch * cfg.accum_steps)
-        metrics = {"train_loss": stats.loss, "bad_samples": stats.bad_samples, "epoch_time_s": stats.seconds,
-                   **trainer.evaluate(val_loader).as_dict("val_")}
-        if trainer.ema is not None:
-            metrics.update(trainer.evaluate(val_loader, trainer.ema.module).as_dict("val_ema_"))
-        is_best = metrics["val_top1"] > progress.best_top1
-        if is_best:
-            progress.best_top1, progress.best_epoch = metrics["val_top1"], epoch_number
-        report_epoch(metrics, epoch_number, epoch_done, progress, cfg, log, lr=optimizer.param_groups[0]["lr"])
-        wandb.log({f"epoch/{k}": v for k, v in metrics.items()} | {"epoch": epochs_float}, step=progress.global_step)
-        save(epoch_end=epoch_done, is_best=is_best)
-        # A signal that arrived during evaluation may have reached only some ranks: agree first.
-        signum = int(all_reduce(torch.tensor([float(stop.signum or 0)], device=info.device), info, op="max").item())
-        if signum:
-            return exit_interrupted(signum, stop, log, wandb, progress)
-    wandb.finish(EXIT_OK)  # before the last line, so that wandb's closing notes do not bury it
-    log.print(f"finished in {format_duration(time.monotonic() - started)}: best val top1 {progress.best_top1:.2f} "
-              f"at epoch {progress.best_epoch} ({run_dir / 'best.pt'}); run folder {run_dir}")
-    log.close()
-    return EXIT_OK
-
-
 # --- checks made before anything is written ----------------------------------------------------
 
 def check_output_dir(run_dir: Path) -> None:
@@ -284,140 +208,158 @@ def check_output_dir(run_dir: Path) -> None:
                           f"{existing} is not writable; give another --output-dir")
 
 
-def resume_file(cfg: Config, run_dir: Path) -> Optional[str]:
-    found = choose_resume(run_dir, cfg.resume, print_once)
-    return str(found) if found else None
-
-
-def load_checked(path: str, cfg: Config) -> Dict[str, Any]:
-    ckpt = load_checkpoint(Path(path))
-    check_fits(ckpt, path, cfg.arch, cfg.num_classes)
-    return ckpt
-
-
 def run_complete(progress: Progress, cfg: Config) -> bool:
     return progress.epoch >= cfg.epochs or (cfg.max_steps is not None and progress.global_step >= cfg.max_steps)
 
 
-def say_complete(path: str, progress: Progress, cfg: Config, info: DistInfo) -> int:
+def say_complete(resumed: Resumed, cfg: Config, info: DistInfo) -> int:
     """A finished run says so at once, without building loaders, the model or a W&B run."""
+    progress = resumed.progress
     if info.is_main:
         best = (f"; best val top1 {progress.best_top1:.2f} at epoch {progress.best_epoch}"
                 if progress.best_epoch > 0 else "")
-        print(f"nothing to do: {path} is the end of this run ({progress.epoch} of {cfg.epochs} epochs, "
+        print(f"nothing to do: {resumed.path} is the end of this run ({progress.epoch} of {cfg.epochs} epochs, "
               f"step {progress.global_step}{best}); raise --epochs (or --max-steps) to train on", flush=True)
     return EXIT_OK
 
 
-def check_weights_arch(weights: WeightsFile, cfg: Config) -> None:
+def read_start_weights(cfg: Config) -> WeightsFile:
+    weights = read_weights(cfg.weights)
     if weights.arch is not None and weights.arch != cfg.arch:
         raise ConfigError(f"weights: {cfg.weights} holds a {weights.arch}, but this run builds a {cfg.arch}; "
                           f"pass --arch {weights.arch} or other --weights")
+    return weights
 
 
-def build_loaders(cfg: Config, info: DistInfo) -> Any:
+def build_loaders(cfg: Config, info: DistInfo, run: RunSettings) -> Any:
     root = resolve_data_root(cfg.data)
     try:
         train_loader = build_train_loader(root, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                                          workers=workers_for(cfg, info),
-                                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                                          auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
-                                          pin_memory=pin_memory(cfg, info), decode=cfg.decode, device=info.device)
+                                          workers=run.workers, rank=info.rank, world_size=info.world_size,
+                                          seed=cfg.seed, auto_augment=cfg.auto_augment,
+                                          random_erasing=cfg.random_erasing, pin_memory=run.pin_memory,
+                                          decode=cfg.decode, device=run.decode_on)
     except ValueError as e:  # an augmentation policy or setting the transforms do not know
         raise ConfigError(str(e)) from None
-    return train_loader, eval_loader_for(cfg, root, info)
+    return train_loader, eval_loader(cfg, info, run, root)
 
 
-def check_data_fits(cfg: Config, train_loader: Any, steps_per_epoch: int, num_classes: int, world_size: int,
-                    ckpt: Optional[Dict[str, Any]], resume_path: Optional[str]) -> None:
+def eval_loader(cfg: Config, info: DistInfo, run: RunSettings, root: Path) -> Any:
+    # None: the loader's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place it is made)
+    return build_eval_loader(root, image_size=cfg.image_size, resize_size=cfg.eval_resize,
+                             batch_size=cfg.eval_batch_size or cfg.batch_size, workers=run.workers,
+                             rank=info.rank, world_size=info.world_size, pin_memory=run.pin_memory)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the data and the process layout make of the config: known once the loaders exist."""
+    cfg: Config  # with the checkpoint's peak lr, when only the global batch changed
+    steps_per_epoch: int
+    num_classes: int
+    global_batch: int
+    peak_lr: float
+    config_changes: List[str]  # between the checkpoint's config and this command's, as the user gave it
+
+    def derived(self) -> Dict[str, Any]:
+        """For config.yaml's comments and the W&B config."""
+        return {"world_size": self.global_batch // (self.cfg.batch_size * self.cfg.accum_steps),
+                "global_batch_size": self.global_batch, "peak_lr": self.peak_lr,
+                "steps_per_epoch": self.steps_per_epoch, "num_classes": self.num_classes}
+
+
+def plan_run(cfg: Config, info: DistInfo, train_loader: Any, resumed: Optional[Resumed]) -> RunPlan:
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    num_classes = cfg.num_classes or train_loader.num_classes
     if steps_per_epoch == 0:
-        largest = train_loader.num_samples // (world_size * cfg.accum_steps)
+        largest = train_loader.num_samples // (info.world_size * cfg.accum_steps)
         raise ConfigError(f"batch_size: {train_loader.num_samples} training images give each process "
                           f"{len(train_loader)} full batches of {cfg.batch_size}, fewer than the {cfg.accum_steps} "
                           f"of one optimizer step; use --batch-size {largest} or less")
     if num_classes < train_loader.num_classes:
         raise ConfigError(f"num_classes: {num_classes} is fewer than the {train_loader.num_classes} classes of "
                           "the training data; drop --num-classes to use the data's")
-    if ckpt is not None:
-        check_fits(ckpt, resume_path, cfg.arch, num_classes)
+    global_batch = cfg.batch_size * info.world_size * cfg.accum_steps
+    changes: List[str] = []
+    if resumed is not None:
+        check_fits(resumed.state, str(resumed.path), cfg.arch, num_classes)
+        changes = config_changes(resumed.state["config"], cfg)
+        cfg = keep_checkpoint_lr(cfg, resumed, global_batch, info)
+    return RunPlan(cfg, steps_per_epoch, num_classes, global_batch, peak_lr(cfg, global_batch), changes)
 
 
-# --- the run as it goes ----------------------------------------------------------------------------
-
-def keep_checkpoint_lr(cfg: Config, ckpt: Dict[str, Any], global_batch: int, log: RunLog) -> Config:
+def keep_checkpoint_lr(cfg: Config, resumed: Resumed, global_batch: int, info: DistInfo) -> Config:
     """A resumed run keeps its peak lr when only the global batch changed (another number of
     processes): the linear scaling rule would silently halve or double it mid-run. An --lr or
     --base-lr of this command that differs from the checkpoint's is the user's choice and wins."""
-    old, saved = ckpt["config"], Progress.from_dict(ckpt["progress"])
+    old, saved = resumed.state["config"], resumed.progress
     old_global = saved.world_size * saved.batch_size * saved.accum_steps
     if cfg.lr is not None or old.get("lr") is not None or cfg.base_lr != old.get("base_lr") \
             or old_global == global_batch:
         return cfg
     kept, scaled = peak_lr(cfg, old_global), peak_lr(cfg, global_batch)
-    log.print(f"warning: the global batch is now {global_batch} (the checkpoint's was {old_global}); keeping its "
+    if info.is_main:
+        print(f"warning: the global batch is now {global_batch} (the checkpoint's was {old_global}); keeping its "
               f"peak lr {kept:.4g} instead of the {scaled:.4g} that linear scaling gives; pass --lr {scaled:.4g} "
-              "to use that")
+              "to use that", flush=True)
     return cfg.with_values(lr=kept)
 
 
-def describe_run(cfg: Config, info: DistInfo, log: RunLog, model: torch.nn.Module, trainer: Trainer,
-                 train_loader: Any, val_loader: Any, derived: Dict[str, Any], restart_count: int) -> None:
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    log.print(f"{cfg.arch} ({n_params:.2f}M parameters, {derived['num_classes']} classes) on {info.world_size} x "
-              f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); "
-              f"run folder {cfg.run_dir()}; restart count {restart_count}")
+# --- the run as it goes ----------------------------------------------------------------------------
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def open_run_folder(cfg: Config, info: DistInfo, plan: RunPlan, resumed: Optional[Resumed]) -> Reporter:
+    """The run folder (made by rank 0, seen by every rank) and the run's reporter, with its W&B run
+    (continued when the checkpoint names one)."""
+    run_dir = cfg.run_dir()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+
+    def say(message: str) -> None:
+        if info.is_main:
+            print(message, flush=True)
+
+    wandb = start_wandb(mode=cfg.wandb, project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name,
+                        tags=cfg.wandb_tags, config={**config_to_dict(cfg), **plan.derived()}, run_dir=run_dir,
+                        run_id=resumed.state.get("wandb_run_id") if resumed else None, is_main=info.is_main,
+                        report=say)
+    return Reporter(run_dir, info.is_main, wandb)
+
+
+def say_resumed(resumed: Resumed, plan: RunPlan, cfg: Config, reporter: Reporter) -> None:
+    for change in plan.config_changes:
+        reporter.print(f"config changed since the checkpoint: {change}")
+    if cfg.weights:
+        reporter.print(f"note: resuming, so --weights {cfg.weights} is not used (pass --no-resume to start from it)")
+    step = resumed.progress.global_step
+    reporter.event("resumed", epoch=resumed.progress.epoch + 1, step=step, from_step=step,
+                   restart_count=restart_count(), checkpoint=str(resumed.path))
+
+
+def describe_run(cfg: Config, info: DistInfo, run: RunSettings, trainer: Trainer, train_loader: Any,
+                 val_loader: Any, plan: RunPlan) -> None:
+    say = trainer.reporter.print
+    n_params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+    say(f"{cfg.arch} ({n_params:.2f}M parameters, {plan.num_classes} classes) on {info.world_size} x "
+        f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); "
+        f"run folder {cfg.run_dir()}; restart count {restart_count()}")
     processes = f"{info.world_size} process" + ("es" if info.world_size > 1 else "")
-    workers = workers_for(cfg, info)
-    log.print(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
-              f"{derived['global_batch_size']} global; peak lr {derived['peak_lr']:.4g}; "
-              f"amp {trainer.amp_dtype or 'off'}; channels_last {use_channels_last(cfg, info.device)}; "
-              f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
-              f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "
-              f"{train_loader.num_samples} train / {val_loader.num_samples} val images, "
-              f"{workers} loader worker{'s' if workers != 1 else ''} per process, decoded by "
-              f"{'the loader workers' if cfg.decode == 'cpu' else info.device.type}; "
-              f"{derived['steps_per_epoch']} steps per epoch")
+    say(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
+        f"{plan.global_batch} global; peak lr {plan.peak_lr:.4g}; "
+        f"amp {run.amp_dtype or 'off'}; channels_last {run.channels_last}; "
+        f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
+        f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "
+        f"{train_loader.num_samples} train / {val_loader.num_samples} val images, "
+        f"{run.workers} loader worker{'s' if run.workers != 1 else ''} per process, decoded by "
+        f"{'the loader workers' if run.decode_on is None else run.decode_on.type}; "
+        f"{plan.steps_per_epoch} steps per epoch")
 
 
-def unreadable_note(count: int) -> str:
-    return f" ({count} unreadable, left out)" if count else ""
-
-
-def report_epoch(metrics: Dict[str, float], epoch_number: int, epoch_done: bool, progress: Progress, cfg: Config,
-                 log: RunLog, lr: float) -> None:
-    ema = f"  ema top1 {metrics['val_ema_top1']:.2f}" if "val_ema_top1" in metrics else ""
-    log.print(f"epoch {epoch_number}/{cfg.epochs} {'done' if epoch_done else 'stopped'} "
-              f"(step {progress.global_step}): train loss {metrics['train_loss']:.4f}  "
-              f"val top1 {metrics['val_top1']:.2f}  top5 {metrics['val_top5']:.2f}  loss {metrics['val_loss']:.4f} "
-              f"on {metrics['val_count']} images{unreadable_note(metrics['val_unreadable'])}{ema}  "
-              f"best {progress.best_top1:.2f}  bad samples {metrics['bad_samples']}  {metrics['epoch_time_s']:.0f}s")
-    log.record("eval", epoch=epoch_number, step=progress.global_step,
-               **{k[4:]: v for k, v in metrics.items() if k.startswith("val_")})
-    log.record("epoch", epoch=epoch_number, step=progress.global_step, epoch_complete=epoch_done,
-               best_top1=progress.best_top1, **metrics)
-    log.summary({"epoch": epoch_number, "step": progress.global_step, "lr": lr, **metrics})
-
-
-def resume_progress(ckpt: Dict[str, Any], path: str, cfg: Config, info: DistInfo, log: RunLog) -> Progress:
-    saved = Progress.from_dict(ckpt["progress"])
-    rng_states = ckpt["rng"]
-    if saved.same_layout(info.world_size, cfg.batch_size, cfg.accum_steps):
-        restore_rng_state(rng_states[info.rank], info.device)
-        progress = saved
-    else:
-        log.print(f"warning: the checkpoint was written by {saved.world_size} processes x batch {saved.batch_size} "
-                  f"x accum {saved.accum_steps}; now {info.world_size} x {cfg.batch_size} x {cfg.accum_steps}: "
-                  "resuming at the same image count of the epoch, but not bitwise exactly")
-        seed_all(cfg.seed + 1000 * info.rank + saved.global_step)
-        progress = saved.relayout(info.world_size, cfg.batch_size, cfg.accum_steps)
-    best = (f"best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch})" if progress.best_epoch > 0
-            else "no evaluation yet")
-    log.print(f"resumed from {path}: epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}, "
-              f"step {progress.global_step}, {best}")
-    return progress
-
-
-def load_initial_weights(model: torch.nn.Module, weights: WeightsFile, arch: str, log: RunLog) -> None:
+def load_initial_weights(model: Any, weights: WeightsFile, arch: str, reporter: Reporter) -> None:
     """--weights when training: start from them; a classifier of another size is left freshly initialised."""
     own = model.state_dict()
     skipped = [k for k, v in weights.state_dict.items() if k in own and v.shape != own[k].shape]
@@ -427,30 +369,28 @@ def load_initial_weights(model: torch.nn.Module, weights: WeightsFile, arch: str
         raise ConfigError(f"weights: {weights.path} does not fit a {arch}: "
                           f"{str(e).splitlines()[0]}") from None
     note = f" (not loaded, shapes differ: {', '.join(skipped)})" if skipped else ""
-    log.print(f"initial weights from {weights.path}{note}")
+    reporter.print(f"initial weights from {weights.path}{note}")
 
 
-def exit_interrupted(signum: int, stop: StopRequest, log: RunLog, wandb: Any, progress: Progress) -> int:
+def exit_interrupted(signum: int, stop: StopRequest, reporter: Reporter, progress: Progress) -> int:
     stop.ignore_further()
-    log.print(f"stopped by a signal at step {progress.global_step}; checkpoint saved: run the same command to resume")
-    log.record("event", epoch=progress.epoch + 1, step=progress.global_step, event="interrupted", signal=signum)
-    wandb.mark_preempting()
-    wandb.finish(EXIT_INTERRUPTED)
-    log.close()
+    reporter.print(f"stopped by a signal at step {progress.global_step}; checkpoint saved: "
+                   "run the same command to resume")
+    reporter.event("interrupted", epoch=progress.epoch + 1, step=progress.global_step, signal=signum)
+    reporter.finish(EXIT_INTERRUPTED, preempted=True)
     return EXIT_INTERRUPTED
 
 
-def stop_nonfinite(progress: Progress, bad_step: int, loss: float, run_dir: Path, log: RunLog, wandb: Any) -> int:
+def stop_nonfinite(stats: EpochStats, run_dir: Path, reporter: Reporter) -> int:
     last = run_dir / "last.pt"
     kept = f"the last good checkpoint {last} was left as it was" if last.exists() else "no checkpoint was saved yet"
-    message = (f"error: the training loss became {loss} at step {bad_step} "
-               f"(epoch {progress.epoch + 1}); stopping without saving: {kept}. "
+    message = (f"error: the training loss became {stats.nonfinite_loss} at step {stats.nonfinite_step} "
+               f"(epoch {stats.epoch}); stopping without saving: {kept}. "
                "Try a lower --lr, --grad-clip, or --amp bf16 instead of fp16.")
-    if log.is_main:
+    if reporter.is_main:
         print(message, file=sys.stderr, flush=True)
-    log.record("event", epoch=progress.epoch + 1, step=bad_step, event="nonfinite_loss", loss=str(loss))
-    wandb.finish(EXIT_NONFINITE)
-    log.close()
+    reporter.event("nonfinite_loss", epoch=stats.epoch, step=stats.nonfinite_step, loss=str(stats.nonfinite_loss))
+    reporter.finish(EXIT_NONFINITE)
     return EXIT_NONFINITE
 
 

@@ -23,6 +23,7 @@ Command line:
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 from collections import OrderedDict
@@ -35,7 +36,6 @@ from torch import Tensor
 
 from data.files import atomic_write_bytes
 
-from .training.checkpoint import serialize
 from .specs import MODEL_SPECS, DenseNetSpec
 
 StateDict = Dict[str, Tensor]
@@ -230,13 +230,22 @@ def _interpret(obj: Any, source: str, ema: bool = False) -> WeightsFile:
                        image_size=image_size, num_classes=_num_classes(state_dict), source=kind, ema=ema)
 
 
-def load_checkpoint_file(path: PathLike) -> Any:
-    """torch.load with weights_only=True and errors that name the file and the problem."""
+def serialize(obj: Any) -> bytes:
+    """torch.save into bytes: written once, to as many files as need them (atomic_write_bytes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_torch_file(path: PathLike, what: str = "weights file") -> Any:
+    """torch.load on the CPU with weights_only=True, the one way this project reads a .pt file;
+    WeightsError (WeightsNotFoundError when missing) names the file, the problem and what a good
+    ``what`` (a weights file, a checkpoint) is."""
     path = Path(path)
     if not path.exists():
-        raise WeightsNotFoundError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"{what} not found: {path}")
     if not path.is_file():
-        raise WeightsError(f"{path} is not a file (a weights file is one .pt/.pth file)")
+        raise WeightsError(f"{path} is not a file (a {what} is one .pt/.pth file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
@@ -245,7 +254,7 @@ def load_checkpoint_file(path: PathLike) -> Any:
         # weights_only=False, which is no fix for a file that is not a checkpoint at all.
         detail = lines[0].split(". ")[0][:200] if lines else "no further detail"
         raise WeightsError(
-            f"{path} could not be read as a PyTorch weights file ({type(exc).__name__}: {detail}); "
+            f"{path} could not be read as a PyTorch {what} ({type(exc).__name__}: {detail}); "
             f"is it a complete .pt/.pth file written by torch.save?"
         ) from None
 
@@ -254,7 +263,7 @@ def read_weights(path: PathLike, *, ema: bool = False) -> WeightsFile:
     """The DenseNet weights in `path` (a checkpoint of ours, an export, a torchvision weight file)
     and what the file records about them; `ema=True` takes a checkpoint's EMA weights instead of the
     model's. Raises WeightsError (WeightsNotFoundError for a missing file)."""
-    return _interpret(load_checkpoint_file(path), str(path), ema=ema)
+    return _interpret(load_torch_file(path), str(path), ema=ema)
 
 
 def extract_state_dict(obj: Any, source: str = "<object>") -> StateDict:

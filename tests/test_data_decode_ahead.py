@@ -92,8 +92,8 @@ class Captured:
             lambda m, args: self.inputs.append((args[0].detach().cpu() * std + mean)))
 
     def epoch(self, loader):
-        progress = Progress(world_size=1, batch_size=8, accum_steps=self.trainer.cfg.accum_steps)
-        self.trainer.train_epoch(loader, progress, StopRequest(), on_checkpoint=lambda: None)
+        self.trainer.progress = Progress(world_size=1, batch_size=8, accum_steps=self.trainer.cfg.accum_steps)
+        self.trainer.train_epoch(loader, StopRequest())
         return torch.cat(self.inputs)
 
 

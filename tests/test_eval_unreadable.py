@@ -21,7 +21,8 @@ from _data_util import write_not_an_image, write_truncated
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, build_train_loader
 from data.shards import convert
 from densenet.training.distributed import DistInfo
-from densenet.training.engine import DeviceNormalize, evaluate
+from densenet.training.evaluation import evaluate
+from densenet.training.inputs import DeviceNormalize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
@@ -137,7 +138,8 @@ RANK_SCRIPT = textwrap.dedent("""
     from torch import nn
     from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader
     from densenet.training.distributed import init_distributed, shutdown
-    from densenet.training.engine import DeviceNormalize, evaluate
+    from densenet.training.evaluation import evaluate
+    from densenet.training.inputs import DeviceNormalize
 
     info = init_distributed("cpu")
     loader = build_eval_loader(sys.argv[2], image_size=32, resize_size=36, batch_size=2, workers=0,

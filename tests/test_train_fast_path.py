@@ -16,7 +16,8 @@ import torch
 from _train_util import REPO, TINY, demo_root, env
 from densenet.training.config import ConfigError, parse_config
 from densenet.training.distributed import DistInfo
-from densenet.training.engine import compile_model, configure_backends
+from densenet.training.engine import compile_model
+from densenet.training.settings import configure_backends
 from densenet.training.optim import build_optimizer, kernels_in_use, optimizer_kernels
 
 
@@ -79,19 +80,20 @@ def test_optimizer_kernels_differ_in_speed_only():
 
 
 def test_pinned_batches_only_for_cuda():
-    import train_dist
+    from densenet.training.settings import resolve_settings
 
     cpu = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
     cuda = DistInfo(0, 1, 0, torch.device("cuda", 0), None, "single")
-    cfg = parse_config(["--data", "demo"])
-    assert not train_dist.pin_memory(cfg, cpu) and train_dist.pin_memory(cfg, cuda)
-    assert not train_dist.pin_memory(parse_config(["--data", "demo", "--no-pin-memory"]), cuda)
+    pinned = lambda flags, info: resolve_settings(parse_config(["--data", "demo", "--amp", "off", *flags]),  # noqa: E731
+                                                  info).pin_memory
+    assert not pinned([], cpu) and pinned([], cuda)
+    assert not pinned(["--no-pin-memory"], cuda)
 
 
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
     from densenet.training.config import parse_config
-    from densenet.training.engine import configure_backends
+    from densenet.training.settings import configure_backends
     configure_backends(parse_config(["--data", "demo", *sys.argv[1:]]), torch.device("cpu"))
     faults = []
     for _ in range(10):  # a training step's pattern in miniature: activations of several sizes, all freed

@@ -11,7 +11,8 @@ import torch
 from _train_util import REPO
 from densenet.training.config import parse_config
 from densenet.training.distributed import read_launch_env
-from densenet.training.engine import DeviceNormalize, resolve_amp
+from densenet.training.inputs import DeviceNormalize
+from densenet.training.settings import resolve_amp
 from densenet.training.optim import LRSchedule, build_optimizer, load_optimizer_state
 from densenet.training.wandb_run import WandbRun, resolve_mode, start_wandb
 
@@ -94,6 +95,23 @@ def test_amp_choice_and_device_normalisation():
     x = norm(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
     assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, 2.0))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_settings_are_resolved_once_for_the_device():
+    from densenet.training.config import ConfigError
+    from densenet.training.distributed import DistInfo
+    from densenet.training.settings import resolve_settings
+
+    cpu = DistInfo(1, 2, 1, torch.device("cpu"), "gloo", "torchrun", 2)
+    run = resolve_settings(parse_config(["--data", "demo", "--workers", "3", "--seed", "7"]), cpu)
+    assert (run.amp_dtype, run.channels_last, run.pin_memory, run.decode_on) == (None, False, False, None)
+    assert run.workers == 3 and run.rank_seed == 7 + 1000
+    run = resolve_settings(parse_config(["--data", "demo", "--channels-last", "--amp", "bf16"]), cpu)
+    assert run.channels_last and run.amp_dtype is torch.bfloat16 and run.workers >= 1
+    for flags, message in ((["--amp", "fp16"], "amp: fp16 needs CUDA"),
+                           (["--sync-bn"], "sync_bn: SyncBatchNorm needs CUDA")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_settings(parse_config(["--data", "demo", *flags]), cpu)
 
 
 def test_signal_handling_in_a_real_process():

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from densenet.bench.gpu_correctness import build_trainer
-from densenet.training.checkpoint import Progress
+from densenet.training.checkpoint import LAST, Checkpointer, load_checkpoint
 from densenet.training.distributed import DistInfo
-from densenet.training.engine import EpochEnd, StopAgreement, auto_amp_dtype
+from densenet.training.engine import EpochEnd, StopAgreement
+from densenet.training.settings import auto_amp_dtype
 from densenet.training.signals import StopRequest
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None, "single")
@@ -46,6 +47,15 @@ def trainer(**overrides):
     return build_trainer(CPU.device, batch=4, image_size=32, classes=10, extra=overrides)
 
 
+def checkpointer(t, run_dir):
+    """The real checkpointer of trainer ``t``, writing to run_dir; the steps it saved at, in order."""
+    saved = []
+    c = Checkpointer(run_dir, t.cfg, CPU)
+    c.start_writing(classes=[str(i) for i in range(10)], wandb_run_id=None,
+                    report=lambda line: saved.append(int(line.rsplit("step ", 1)[1].rstrip(")"))))
+    return c, saved
+
+
 def test_verdicts_come_one_step_late_unless_flushed():
     agreement = StopAgreement(CPU)
     finite, nan = torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("nan"), dtype=torch.float64)
@@ -66,29 +76,28 @@ def test_a_signal_stops_the_epoch_one_step_after_it_arrived():
         if i == 3:  # as step 4's batch is fetched: step 4's flags carry the signal, read after step 5
             stop.signum = signal.SIGUSR1
 
-    progress = Progress(world_size=1, batch_size=4)
-    stats = trainer().train_epoch(Batches(signal_during), progress, stop, on_checkpoint=lambda: None)
-    assert stats.end is EpochEnd.SIGNAL and stats.signal == signal.SIGUSR1
-    assert progress.global_step == 5 and progress.batch_in_epoch == 5
+    t = trainer()
+    stats = t.train_epoch(Batches(signal_during), stop)
+    assert stats.end is EpochEnd.SIGNAL and stats.signal == signal.SIGUSR1 and not stats.complete
+    assert t.progress.global_step == 5 and t.progress.batch_in_epoch == 5 and t.progress.epoch == 0
 
 
-def test_a_signal_before_a_checkpoint_is_acted_on_at_that_step():
+def test_a_signal_before_a_checkpoint_is_acted_on_at_that_step(tmp_path):
     stop = StopRequest()
-    saved = []
 
     def signal_during(i):
         if i == 3:
             stop.signum = signal.SIGTERM
 
-    progress = Progress(world_size=1, batch_size=4)
-    stats = trainer(ckpt_every=4).train_epoch(Batches(signal_during), progress, stop,
-                                              on_checkpoint=lambda: saved.append(progress.global_step))
+    t = trainer(ckpt_every=4)
+    checkpoints, saved = checkpointer(t, tmp_path)
+    stats = t.train_epoch(Batches(signal_during), stop, checkpoints)
     # step 4 is a checkpoint step: its verdict is read at once, and the trainer's caller saves
-    assert stats.end is EpochEnd.SIGNAL and progress.global_step == 4 and saved == []
+    assert stats.end is EpochEnd.SIGNAL and t.progress.global_step == 4 and saved == []
 
 
 @pytest.mark.parametrize("ckpt_every", [2, 3])
-def test_no_checkpoint_is_written_after_a_nonfinite_step(ckpt_every):
+def test_no_checkpoint_is_written_after_a_nonfinite_step(ckpt_every, tmp_path):
     t = trainer(ckpt_every=ckpt_every)
     calls = {"n": 0}
 
@@ -97,12 +106,27 @@ def test_no_checkpoint_is_written_after_a_nonfinite_step(ckpt_every):
         return output * float("nan") if calls["n"] == 3 else output  # the loss of step 3 is NaN
 
     t.model.register_forward_hook(poison)
-    saved = []
-    progress = Progress(world_size=1, batch_size=4)
-    stats = t.train_epoch(Batches(), progress, StopRequest(), on_checkpoint=lambda: saved.append(progress.global_step))
+    checkpoints, saved = checkpointer(t, tmp_path)
+    stats = t.train_epoch(Batches(), StopRequest(), checkpoints)
     assert stats.end is EpochEnd.NONFINITE and stats.nonfinite_step == 3
     assert stats.nonfinite_loss != stats.nonfinite_loss  # NaN
     assert saved == ([2] if ckpt_every == 2 else [])  # never a checkpoint at or after step 3
+    if saved:
+        assert load_checkpoint(tmp_path / LAST)["progress"]["global_step"] == 2
+    else:
+        assert not (tmp_path / LAST).exists()
+
+
+def test_checkpoints_come_every_n_steps_and_the_epoch_moves_on_when_complete(tmp_path):
+    t = trainer(ckpt_every=3)
+    checkpoints, saved = checkpointer(t, tmp_path)
+    stats = t.train_epoch(Batches(), StopRequest(), checkpoints)
+    # steps 3 and 6 save; step 8 ends the epoch, whose checkpoint the epoch loop writes after evaluating
+    assert saved == [3, 6] and stats.end is EpochEnd.COMPLETE and stats.complete
+    assert (t.progress.epoch, t.progress.batch_in_epoch, t.progress.global_step) == (1, 0, 8)
+    assert stats.epoch == 1 and stats.epochs_done == 1.0
+    state = load_checkpoint(tmp_path / LAST)
+    assert state["progress"]["global_step"] == 6 and state["progress"]["batch_in_epoch"] == 6
 
 
 def test_amp_auto_takes_fp16_where_bf16_is_emulated():

@@ -264,9 +264,9 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
             source: Any = PremadeBatches(job.batch, job.image_size, batches, 1000, pin=device.type == "cuda")
         else:
             source = FirstBatches(loader, min(batches, len(loader)))
-        progress = Progress(epoch=number, world_size=1, batch_size=job.batch, accum_steps=1)
+        trainer.progress = Progress(epoch=number, world_size=1, batch_size=job.batch, accum_steps=1)
         t0 = time.perf_counter()
-        trainer.train_epoch(source, progress, stop, on_checkpoint=lambda: None)
+        trainer.train_epoch(source, stop)
         _sync(device)
         return time.perf_counter() - t0
 

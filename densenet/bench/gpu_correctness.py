@@ -88,32 +88,23 @@ def _sync(device: Any) -> None:
 
 
 def build_trainer(device: Any, *, accum_steps: int = 1, batch: int = 8, image_size: int = 64, amp: str = "off",
-             channels_last: bool = False, arch: str = "densenet_tiny", classes: int = 10, extra: Dict = None):
-    """The real Trainer on one device, no process group, nothing logged: what the checks and the
-    trainer-loop rows drive."""
-    import torch
-
-    from data import IMAGENET_MEAN, IMAGENET_STD
-
-    from .. import create_model
+                  channels_last: bool = False, arch: str = "densenet_tiny", classes: int = 10, extra: Dict = None):
+    """The real Trainer on one device, no process group, nothing logged, built the way train_dist.py
+    builds it (lr 0.01): what the checks and the trainer-loop rows drive."""
     from ..training.config import config_from_dict
     from ..training.distributed import DistInfo
-    from ..training.engine import Trainer, configure_backends, prepare_model
-    from ..training.metrics_log import RunLog
-    from ..training.optim import LRSchedule, build_optimizer
-    from ..training.wandb_run import WandbRun
+    from ..training.engine import build_trainer as build_run_trainer
+    from ..training.reporting import Reporter
+    from ..training.settings import configure_backends, resolve_settings
 
     cfg = config_from_dict({"data": "none", "arch": arch, "batch_size": batch, "image_size": image_size,
                             "accum_steps": accum_steps, "amp": amp, "channels_last": channels_last,
-                            "log_every": 10**9, "wandb": "disabled", "device": device.type, **(extra or {})},
-                           "gpu check")
+                            "log_every": 10**9, "wandb": "disabled", "device": device.type, "lr": 0.01,
+                            "workers": 0, **(extra or {})}, "gpu check")
     info = DistInfo(0, 1, 0, device, None, "single")
     configure_backends(cfg, device)
-    torch.manual_seed(0)
-    model = prepare_model(create_model(arch, num_classes=classes), cfg, info)
-    optimizer = build_optimizer(model, cfg, lr=0.01)
-    return Trainer(model, optimizer, LRSchedule.from_config(cfg, 0.01, 1000), cfg, info, num_classes=classes,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, log=RunLog(None, False), wandb=WandbRun())
+    return build_run_trainer(cfg, info, resolve_settings(cfg, info), num_classes=classes, steps_per_epoch=1000,
+                             peak_lr=0.01, reporter=Reporter(None, False))
 
 
 def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
@@ -136,8 +127,8 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
         inputs: List[torch.Tensor] = []
         trainer.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().cpu() * std + mean))
         four_steps = FirstBatches(loader, min(len(loader), 8))  # four optimizer steps of two micro-batches
-        trainer.train_epoch(four_steps, Progress(world_size=1, batch_size=job.batch, accum_steps=2), StopRequest(),
-                            on_checkpoint=lambda: None)
+        trainer.progress = Progress(world_size=1, batch_size=job.batch, accum_steps=2)
+        trainer.train_epoch(four_steps, StopRequest())
         seen[decode] = torch.cat(inputs)
     a, b = seen["device"], seen["cpu"]
     difference = (a - b).abs()
@@ -287,7 +278,8 @@ def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch
 
     from ..training.checkpoint import Progress
-    from ..training.engine import evaluate, native_bf16, resolve_amp
+    from ..training.evaluation import evaluate
+    from ..training.settings import native_bf16, resolve_amp
     from ..training.signals import StopRequest
 
     if device.type != "cuda":
@@ -308,10 +300,10 @@ def _host_syncs(job: CheckJob, device: Any) -> Dict[str, Any]:
             torch.cuda.set_sync_debug_mode(0)
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    trainer.train_epoch(warmup, Progress(batch_size=job.batch), StopRequest(), on_checkpoint=lambda: None)
+    trainer.train_epoch(warmup, StopRequest())
     _sync(device)
-    in_steps = count(lambda: trainer.train_epoch(epoch, Progress(batch_size=job.batch), StopRequest(),
-                                                 on_checkpoint=lambda: None))
+    trainer.progress = Progress(batch_size=job.batch)
+    in_steps = count(lambda: trainer.train_epoch(epoch, StopRequest()))
     in_eval = count(lambda: evaluate(trainer.model, validation, info=trainer.info, normalize=trainer.normalize,
                                      amp_dtype=trainer.amp_dtype))
     # An epoch ends with one read of the agreement and one of the epoch's totals; an evaluation with

@@ -91,7 +91,7 @@ def child(payload: Dict[str, Any]) -> Dict[str, Any]:
     cfg = StepConfig(**payload)
     applied = cfg.allocator == "system"
     if cfg.allocator == "keep":
-        from densenet.training.engine import keep_freed_memory
+        from densenet.training.settings import keep_freed_memory
         applied = keep_freed_memory()
     elif cfg.allocator == "thp":
         applied = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"

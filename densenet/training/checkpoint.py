@@ -1,4 +1,6 @@
-"""Checkpoint files: atomic writes (data/files.py), keep-K, finding the newest valid one, RNG state for exact resume.
+"""The run's checkpoints, owned by one ``Checkpointer``: it finds and loads the one to resume
+from, decides when to write, builds and writes them (atomically, keeping the newest K epochs), and
+carries every rank's RNG state for exact resume.
 
 A checkpoint is a plain dict saved with torch.save and loadable with ``torch.load(weights_only=True)``:
 
@@ -16,9 +18,9 @@ A checkpoint is a plain dict saved with torch.save and loadable with ``torch.loa
 """
 from __future__ import annotations
 
-import io
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,6 +29,10 @@ import numpy as np
 import torch
 
 from data.files import atomic_write_bytes
+
+from ..weights import WeightsError, load_torch_file, serialize
+from .config import Config, config_to_dict
+from .distributed import DistInfo, barrier, checked_on_every_rank, decided_by_main, gather_objects
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -58,6 +64,13 @@ class Progress:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Progress":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def note_top1(self, top1: float, epoch: int) -> bool:
+        """Keep an evaluation's top-1 if it is the best so far (``epoch`` 1-based); True if it is."""
+        if not top1 > self.best_top1:  # a NaN top-1 is never the best
+            return False
+        self.best_top1, self.best_epoch = top1, epoch
+        return True
 
     def same_layout(self, world_size: int, batch_size: int, accum_steps: int) -> bool:
         return (self.world_size, self.batch_size, self.accum_steps) == (world_size, batch_size, accum_steps)
@@ -106,20 +119,12 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 # --- files -----------------------------------------------------------------------------------------
 
-def serialize(state: Dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """Load one of our checkpoints on the CPU, with weights_only=True; CheckpointError if it is not one."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # truncated zip, bad pickle, disallowed global...: all mean "unusable"
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        state = load_torch_file(path, what="checkpoint")
+    except WeightsError as e:  # missing, not a file, truncated zip, disallowed global...: all "unusable"
+        raise CheckpointError(str(e)) from None
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
         missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"{path}: not a training checkpoint of this project (missing {', '.join(missing)})")
@@ -182,21 +187,123 @@ def check_fits(ckpt: Dict[str, Any], path: str, arch: str, num_classes: Optional
                               "a new --output-dir")
 
 
-class CheckpointSaver:
-    """Writes last.pt, best.pt and the newest K epoch_XXXX.pt of one run folder (rank 0 only)."""
+@dataclass
+class Resumed:
+    """The checkpoint a run continues, as loaded."""
+    path: Path
+    state: Dict[str, Any]
 
-    def __init__(self, run_dir: Path, keep_epochs: int) -> None:
+    @property
+    def progress(self) -> Progress:
+        return Progress.from_dict(self.state["progress"])
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+    """The checkpoints of one run folder.
+
+    Before anything is written, ``find_resume`` chooses (rank 0) and loads (every rank) the
+    checkpoint to continue; ``restore`` puts it into the trainer. During the run the trainer asks
+    ``due`` after every step and calls ``save``, as the epoch loop does after each evaluation: every
+    rank contributes its RNG state, rank 0 writes last.pt, best.pt and the newest ``keep_epochs``
+    epoch_XXXX.pt, and nobody moves on before the files are complete.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, info: DistInfo) -> None:
         self.run_dir = run_dir
-        self.keep_epochs = keep_epochs
-        # Temp files left by a save that was killed half-way are garbage, never a checkpoint
-        # (atomic_write_bytes names them .<name>.tmp-<pid>).
-        for stale in run_dir.glob(".*.pt.tmp-*"):
-            stale.unlink(missing_ok=True)
+        self.cfg = cfg
+        self.info = info
+        self._record: Optional[Dict[str, Any]] = None  # what every checkpoint of the run also holds
+        self._report: Callable[[str], None] = print if info.is_main else (lambda message: None)
 
-    def save(self, state: Dict[str, Any], *, epoch_end: bool, is_best: bool) -> List[Path]:
+    # --- before the run folder exists -------------------------------------------------------------
+
+    def find_resume(self, refusals: Tuple[type, ...]) -> Optional[Resumed]:
+        """The checkpoint --resume names, loaded and checked against the run's arch (and classes,
+        when given); None to start afresh. A refusal is raised on every rank together."""
+        cfg, info = self.cfg, self.info
+
+        def choose() -> Optional[str]:
+            found = choose_resume(self.run_dir, cfg.resume, _warn)
+            return str(found) if found else None
+
+        path = decided_by_main(info, choose, refusals)
+        if path is None:
+            return None
+
+        def load() -> Dict[str, Any]:
+            state = load_checkpoint(Path(path))
+            check_fits(state, path, cfg.arch, cfg.num_classes)
+            return state
+
+        return Resumed(Path(path), checked_on_every_rank(info, load, refusals))
+
+    # --- during the run -----------------------------------------------------------------------------
+
+    def start_writing(self, *, classes: List[str], wandb_run_id: Optional[str],
+                      report: Callable[[str], None]) -> None:
+        """From here on, checkpoints can be written: with the run's classes and W&B run id, and a
+        line through ``report`` for every save. Temp files of a save killed half-way are removed."""
+        self._record = {"classes": list(classes), "wandb_run_id": wandb_run_id}
+        self._report = report
+        if self.info.is_main:
+            for stale in self.run_dir.glob(".*.pt.tmp-*"):  # atomic_write_bytes's names
+                stale.unlink(missing_ok=True)
+
+    def restore(self, trainer: Any, resumed: Resumed, rank_seed: int) -> None:
+        """Continue ``resumed`` in ``trainer``: bitwise exactly when the process layout is the
+        checkpoint's; at the same image count of the epoch otherwise."""
+        cfg, info = self.cfg, self.info
+        saved = resumed.progress
+        if saved.same_layout(info.world_size, cfg.batch_size, cfg.accum_steps):
+            progress = saved
+        else:
+            self._report(f"warning: the checkpoint was written by {saved.world_size} processes x batch "
+                         f"{saved.batch_size} x accum {saved.accum_steps}; now {info.world_size} x {cfg.batch_size} x "
+                         f"{cfg.accum_steps}: resuming at the same image count of the epoch, but not bitwise exactly")
+            progress = saved.relayout(info.world_size, cfg.batch_size, cfg.accum_steps)
+        trainer.load_state_dict(resumed.state, progress)
+        if progress is saved:
+            restore_rng_state(resumed.state["rng"][info.rank], info.device)
+        else:
+            from .settings import seed_all
+
+            seed_all(rank_seed + saved.global_step)
+        best = (f"best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch})" if progress.best_epoch > 0
+                else "no evaluation yet")
+        self._report(f"resumed from {resumed.path}: epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}, "
+                     f"step {progress.global_step}, {best}")
+
+    def due(self, step: int, last_in_epoch: bool) -> bool:
+        """Whether optimizer step ``step`` ends with a checkpoint of its own (--ckpt-every); the
+        epoch's last step is followed by the epoch's checkpoint instead."""
+        every = self.cfg.ckpt_every
+        return bool(every) and step % every == 0 and not last_in_epoch
+
+    def save(self, trainer: Any, *, epoch_end: bool, is_best: bool = False) -> None:
+        """A checkpoint of ``trainer`` as it stands; every rank calls this at the same point."""
+        if self._record is None:
+            raise RuntimeError("Checkpointer.save() before start_writing()")
+        rng = gather_objects(capture_rng_state(self.info.device), self.info)
+        if self.info.is_main:
+            progress = trainer.progress
+            state = {"format": CHECKPOINT_FORMAT, "arch": self.cfg.arch, "config": config_to_dict(self.cfg),
+                     **trainer.state_dict(), "progress": progress.to_dict(), "rng": rng, **self._record}
+            written = self.write_files(state, epoch_end=epoch_end, is_best=is_best)
+            batches = trainer.schedule.steps_per_epoch * self.cfg.accum_steps
+            at = (f"end of epoch {progress.epoch}" if progress.batch_in_epoch == 0 else
+                  f"epoch {progress.epoch + 1}, batch {progress.batch_in_epoch} of {batches}")
+            self._report(f"saved {', '.join(p.name for p in written)} ({at}, step {progress.global_step})")
+        barrier(self.info)  # nobody moves on (or exits) before the files are complete
+
+    def write_files(self, state: Dict[str, Any], *, epoch_end: bool, is_best: bool) -> List[Path]:
+        """Write a built checkpoint: last.pt, epoch_XXXX.pt at an epoch's end, best.pt when best."""
         data = serialize(state)  # serialised once, written to every file that needs it
         written = [self.run_dir / LAST]
-        if epoch_end and self.keep_epochs > 0:
+        if epoch_end and self.cfg.keep_epochs > 0:
             written.append(self.run_dir / epoch_filename(state["progress"]["epoch"]))
         if is_best:
             written.append(self.run_dir / BEST)
@@ -209,5 +316,5 @@ class CheckpointSaver:
     def _prune_epochs(self) -> None:
         epochs = sorted((int(m.group(1)), p) for p in self.run_dir.glob("epoch_*.pt")
                         if (m := _EPOCH_RE.match(p.name)))
-        for _, path in epochs[: max(0, len(epochs) - self.keep_epochs)]:
+        for _, path in epochs[: max(0, len(epochs) - self.cfg.keep_epochs)]:
             path.unlink(missing_ok=True)

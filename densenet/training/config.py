@@ -440,13 +440,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data: no data given; pass --data /path/to/imagenet (with train/ and val/) or --data demo")
     if cfg.evaluate and not cfg.weights:
         raise ConfigError("evaluate: --evaluate needs --weights FILE (a checkpoint of ours or a torchvision file)")
-    if cfg.device == "cpu" and cfg.amp == "fp16":
-        raise ConfigError("amp: fp16 needs CUDA (it relies on a CUDA GradScaler); "
-                          "use --amp bf16 or --amp off on the CPU")
     if not cfg.compile_backend.strip():
         raise ConfigError("compile_backend must name a torch.compile backend, e.g. inductor")
-    if cfg.device == "cpu" and cfg.sync_bn:
-        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn on the CPU")
     if cfg.sync_bn and cfg.memory_efficient:
         raise ConfigError("sync_bn: --sync-bn does not reach the memory-efficient dense layers (they call "
                           "F.batch_norm themselves); drop --memory-efficient or --sync-bn")

@@ -181,15 +181,9 @@ def shutdown(info: DistInfo) -> None:
 
 def exit_without_teardown(code: int) -> NoReturn:
     """End a process whose run is over and whose files are all written, skipping the interpreter's
-    teardown.
-
-    destroy_process_group() does not stop gloo's worker threads (C++ still holds the group), and
-    one of them may be releasing the last collective's tensors just as the interpreter finalises:
-    it then needs the GIL, the finalising interpreter cancels the thread, and the C++ runtime
-    aborts ("terminate called without an active exception", SIGABRT; seen in a core dump with
-    torch 2.14, in about one of 30 two-process runs here). torchrun and SLURM would report a run
-    that completed and saved everything as failed. Garbage is collected first, so data-loader
-    iterators shut their worker processes down; then the streams are flushed and the process ends.
+    teardown, in which torch's C++ runtime now and then aborts a completed run (docs/training.md,
+    exit statuses). Garbage is collected first, so data-loader iterators shut their worker
+    processes down; then the streams are flushed and the process ends.
     """
     gc.collect()
     for stream in (sys.stdout, sys.stderr):
