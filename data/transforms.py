@@ -6,8 +6,9 @@ flip, optional RandAugment / TrivialAugment / AutoAugment / AugMix (torchvision 
 random erasing. The crop is chosen from the JPEG header before any pixel is decoded, so libjpeg can
 decode at a reduced scale when the crop is large (``Image.draft``), and only the crop is resized.
 
-Eval: resize the shorter side to ``resize_size`` then center-crop ``size``, bit-identical to
-torchvision's reference eval preset (Resize(256, bilinear, antialias) + CenterCrop(224)).
+Eval: resize the shorter side to ``resize_size`` (by default floor(size / 0.875)) then center-crop
+``size``, bit-identical to torchvision's reference eval preset (Resize(256, bilinear, antialias) +
+CenterCrop(224)).
 
 Train resizing: pillow's resampler without SIMD is several times slower than torch's antialiased
 uint8 kernel (which rounds within 2/255 of pillow), so that is the default; with pillow-simd
@@ -289,14 +290,31 @@ class TrainTransform:
         return out
 
 
+# The crop's share of the resized image when no resize is given: 224 / 256, the ImageNet convention.
+DEFAULT_CROP_FRACTION = 0.875
+
+
 class EvalTransform:
     """File -> resize shorter side to ``resize_size``, center crop ``size``, 3xHxW uint8 array.
+
+    ``resize_size`` defaults to ``floor(size / crop_fraction)`` (timm's rounding), with
+    ``crop_fraction`` 0.875 unless given (e.g. timm's ``crop_pct``): 224 -> 256, 32 -> 36. Give one
+    of the two, not both. This is the one place the evaluation resize is worked out.
 
     Pillow resizes the whole image, exactly as torchvision's preset does: the result is bit-identical
     to it. (Resizing only the crop's source box, or using torch's kernel, is a little cheaper but
     rounds differently by up to 1-2/255, and evaluation is where published numbers are compared.)"""
 
-    def __init__(self, size: int = 224, resize_size: int = 256, *, interpolation: str = "bilinear"):
+    def __init__(self, size: int = 224, resize_size: int | None = None, *, crop_fraction: float | None = None,
+                 interpolation: str = "bilinear"):
+        if resize_size is None:
+            crop_fraction = DEFAULT_CROP_FRACTION if crop_fraction is None else crop_fraction
+            if not 0 < crop_fraction <= 1:
+                raise ValueError(f"crop_fraction {crop_fraction} must be in (0, 1]")
+            resize_size = math.floor(size / crop_fraction)
+        elif crop_fraction is not None:
+            raise ValueError(f"eval resize_size {resize_size} and crop_fraction {crop_fraction} both given; "
+                             "give one of them")
         if resize_size < size:
             raise ValueError(f"eval resize_size {resize_size} is smaller than the crop {size}; "
                              "use resize_size >= image_size (224/256 = crop fraction 0.875)")
