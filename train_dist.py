@@ -47,8 +47,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 import densenet  # noqa: E402
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,  # noqa: E402
-                  resolve_data_root)
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EvalTransform, TrainTransform,  # noqa: E402
+                  build_eval_loader, build_train_loader, resolve_data_root)
 from data.files import atomic_write_bytes  # noqa: E402
 from densenet.training.checkpoint import CheckpointError, Checkpointer, Progress, Resumed, check_fits  # noqa: E402
 from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
@@ -234,19 +234,18 @@ def read_start_weights(cfg: Config) -> WeightsFile:
 def build_loaders(cfg: Config, info: DistInfo, run: RunSettings) -> Any:
     root = resolve_data_root(cfg.data)
     try:
-        train_loader = build_train_loader(root, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                                          workers=run.workers, rank=info.rank, world_size=info.world_size,
-                                          seed=cfg.seed, auto_augment=cfg.auto_augment,
-                                          random_erasing=cfg.random_erasing, pin_memory=run.pin_memory,
-                                          decode=cfg.decode, device=run.decode_on)
+        transform = TrainTransform(cfg.image_size, auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing)
+        train_loader = build_train_loader(root, transform, batch_size=cfg.batch_size, workers=run.workers,
+                                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                                          pin_memory=run.pin_memory, decode_on=run.decode_on)
     except ValueError as e:  # an augmentation policy or setting the transforms do not know
         raise ConfigError(str(e)) from None
     return train_loader, eval_loader(cfg, info, run, root)
 
 
 def eval_loader(cfg: Config, info: DistInfo, run: RunSettings, root: Path) -> Any:
-    # None: the loader's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place it is made)
-    return build_eval_loader(root, image_size=cfg.image_size, resize_size=cfg.eval_resize,
+    # eval_resize None: EvalTransform's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place)
+    return build_eval_loader(root, EvalTransform(cfg.image_size, cfg.eval_resize),
                              batch_size=cfg.eval_batch_size or cfg.batch_size, workers=run.workers,
                              rank=info.rank, world_size=info.world_size, pin_memory=run.pin_memory)
 

@@ -30,7 +30,7 @@ losing the rest of the batch. If the CPU cannot decode it either, it is replaced
 the same batch (rather than the CPU path's random draw), flagged ``bad`` and logged like every
 unreadable file.
 
-The same code runs with ``device="cpu"`` (the decoders' CPU path), which is how it is tested.
+The same code runs with ``decode_on="cpu"`` (the decoders' CPU path), which is how it is tested.
 """
 
 from __future__ import annotations
@@ -53,8 +53,6 @@ from .sample import Sample, too_many_unreadable
 from .transforms import Erasure, TrainTransform
 
 log = logging.getLogger(__name__)
-
-DECODE_MODES = ("cpu", "device")
 
 # A JPEG ends with the EOI marker. Entropy-coded data cannot contain it (0xFF is always stuffed), so
 # its absence near the end means the file was cut short; the tail allows for padding after it.
@@ -110,8 +108,9 @@ class EncodedTrainTransform:
 
     def __init__(self, transform: TrainTransform):
         if transform.augment is not None:
-            raise ValueError("auto_augment policies work on PIL images in the loader workers, which "
-                             "decode='device' does not decode; use decode='cpu' with auto_augment")
+            raise ValueError("auto_augment policies work on PIL images in the loader workers, which leave "
+                             "decoding to the device when decode_on is set; use decode_on=None (--decode cpu) "
+                             "with auto_augment")
         self.transform = transform
 
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray | EncodedCrop:
@@ -125,7 +124,7 @@ class EncodedTrainTransform:
         except (OSError, UnreadableImage):
             pass  # the CPU path below raises its own error for it, naming the file
         # A path is handed over as it is (read again, from the page cache), so that the CPU path
-        # decodes, fails and complains exactly as it does in decode="cpu"; a stream, as the bytes read.
+        # decodes, fails and complains exactly as it does when the workers decode; a stream, as the bytes read.
         by_path = isinstance(source, (str, os.PathLike)) or data is None
         return self.transform(source if by_path else data, name, generator)
 
@@ -223,10 +222,24 @@ def jpeg_decoder(backend: str = "auto") -> tuple[str, Callable[[list[torch.Tenso
     return "torchvision", decode_with_torchvision
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The decode device: as given, or the current CUDA device (the rank's GPU once the trainer has
-    called ``torch.cuda.set_device``), or the CPU without CUDA."""
-    if device is None:
+def check_decode_on(decode_on: torch.device | str | None) -> None:
+    """``decode_on`` names where training images are decoded: None for the loader workers (on the
+    CPU), else the device that decodes each batch: ``"auto"`` (the current CUDA device, else the
+    CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``. Only the form is checked here;
+    ``resolve_device`` says whether this machine has the device."""
+    if decode_on is None or decode_on == "auto" or isinstance(decode_on, torch.device):
+        return
+    try:
+        torch.device(decode_on)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"decode_on {decode_on!r} is neither None (the loader workers decode), 'auto' nor a "
+                         "device such as 'cpu', 'cuda' or 'cuda:1'") from err
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The decode device: as given, or for ``"auto"`` the current CUDA device (the rank's GPU once
+    the trainer has called ``torch.cuda.set_device``), or the CPU without CUDA."""
+    if device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -268,11 +281,13 @@ class DeviceDecoder:
         try:
             (image,) = self._decode_jpeg([probe], self.device)
         except Exception as err:
-            raise RuntimeError(f"decode='device' needs {self.backend}'s decode_jpeg on {self.device}, which "
-                               f"failed on a test image ({type(err).__name__}: {err}); use decode='cpu'") from err
+            raise RuntimeError(f"decoding on the device needs {self.backend}'s decode_jpeg on {self.device}, which "
+                               f"failed on a test image ({type(err).__name__}: {err}); let the loader workers "
+                               "decode (decode_on=None, --decode cpu)") from err
         if tuple(image.shape) != (3, 8, 16) or image.device.type != self.device.type:
             raise RuntimeError(f"decode_jpeg on {self.device} returned {tuple(image.shape)} on {image.device} "
-                               "for a 16x8 RGB test image; use decode='cpu'")
+                               "for a 16x8 RGB test image; let the loader workers decode "
+                               "(decode_on=None, --decode cpu)")
 
     def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | str]:
         """Each file decoded to 3xHxW uint8 on the device, or the decoder's complaint. The batched

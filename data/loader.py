@@ -9,11 +9,11 @@ target -1 that the metrics must leave out). Layout problems are raised here, bef
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader
 
 from .classes import class_names
 from .datasets import EvalFolderDataset, TrainFolderDataset
-from .device_decode import (DECODE_MODES, DecodeAhead, DeviceDecoder, EncodedTrainTransform, collate_encoded,
+from .device_decode import (DecodeAhead, DeviceDecoder, EncodedTrainTransform, check_decode_on, collate_encoded,
                             resolve_device)
-from .layouts import read_split
+from .layouts import SampleTable, read_split
 from .rng import WORKERS, key_seed
 from .sample import Sample, TooManyUnreadable
 from .samplers import EvalBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
-from .shards import is_shard_dir, read_index
+from .shards import ShardIndex, is_shard_dir, read_index
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,34 @@ class UnreadableFiles:
             log.warning("unreadable image %s: %s (%s); listed in %s", self.fate, path, reason, self.listing.path)
 
 
-def _check_workers(workers: int, batch_size: int) -> None:
+@dataclass(frozen=True)
+class LoaderOptions:
+    """The settings few callers change, for either factory.
+
+    ``split``: the split to read (default: ``"train"`` for the training loader, ``"val"`` for the
+    evaluation loader). ``prefetch_factor``: batches each worker keeps ready. ``multiprocessing_context``:
+    how the workers start (DataLoader's; default: the platform's). ``shuffle_buffer``: samples a
+    training worker shuffles among when it streams shards."""
+
+    split: str | None = None
+    prefetch_factor: int = 4
+    multiprocessing_context: Any = None
+    shuffle_buffer: int = 2000
+
+
+def _check_args(transform, expected: type, batch_size: int, workers: int) -> None:
+    if not isinstance(transform, expected):
+        raise TypeError(f"transform must be a data.transforms.{expected.__name__}, got {type(transform).__name__}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def _read_source(root: str | os.PathLike, split: str | None, default_split: str) -> ShardIndex | SampleTable:
+    """The split's shard index if ROOT is a folder of shards, else its sample table (any layout)."""
+    root, split = Path(root), split or default_split
+    return read_index(root, split) if is_shard_dir(root) else read_split(root, split)
 
 
 def _already_batched(batch):
@@ -139,14 +162,14 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _dataloader(dataset, *, batch_sampler=None, workers: int, pin_memory: bool, prefetch_factor: int,
-                seed: int, rank: int, multiprocessing_context=None, collate_fn: Callable = collate) -> DataLoader:
+def _dataloader(dataset, options: LoaderOptions, *, workers: int, pin_memory: bool, seed: int, rank: int,
+                batch_sampler=None, collate_fn: Callable = collate) -> DataLoader:
     """A map-style dataset with our batch sampler, or (batch_sampler None) an iterable dataset whose
     workers yield whole collated batches."""
     extra = {}
     if workers > 0:
-        extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor,
-                     multiprocessing_context=multiprocessing_context)
+        extra = dict(persistent_workers=True, prefetch_factor=options.prefetch_factor,
+                     multiprocessing_context=options.multiprocessing_context)
     # An explicit generator seeds the workers reproducibly (torch, random and numpy per worker) and
     # keeps DataLoader from drawing its base seed from the training process's global RNG.
     generator = torch.Generator()
@@ -210,7 +233,7 @@ class TrainLoader(_Loader):
     """Batches of one epoch on this rank. ``set_epoch(epoch, start_batch)`` before each pass. From
     folders the batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is;
     from shards also of the worker count and world size (see data/shard_stream.py). With
-    ``decode="device"``, ``decoder`` is the ``DeviceDecoder`` (its ``counts`` say where images were
+    ``decode_on`` set, ``decoder`` is the ``DeviceDecoder`` (its ``counts`` say where images were
     decoded) and the images arrive on its device."""
 
     unreadable_fate = "replaced by another sample"
@@ -248,110 +271,91 @@ class EvalLoader(_Loader):
 
 def build_train_loader(
     root: str | os.PathLike,
+    transform: TrainTransform,
     *,
-    image_size: int,
     batch_size: int,
     workers: int,
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
-    auto_augment: str | None = None,
-    random_erasing: float = 0.0,
     pin_memory: bool = False,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    interpolation: str = "bilinear",
-    resize_backend: str = "auto",
-    prefetch_factor: int = 4,
-    multiprocessing_context=None,
-    split: str = "train",
-    shuffle_buffer: int = 2000,
-    decode: str = "cpu",
-    device: torch.device | str | None = None,
+    decode_on: torch.device | str | None = None,
+    options: LoaderOptions | None = None,
 ) -> TrainLoader:
     """The training loader for a dataset folder ROOT (any layout ``data.layouts`` reads) or a folder
-    of tar shards written by ``python -m data.shards`` (streamed through a ``shuffle_buffer``).
+    of tar shards written by ``python -m data.shards`` (streamed through ``options.shuffle_buffer``).
     ROOT is taken as ``resolve_data_root`` returns it, not resolved again.
 
-    ``decode="cpu"``: workers decode, crop and resize; images arrive as CPU tensors.
-    ``decode="device"``: workers only read the files and draw the crops; ``device`` (default: the
-    current CUDA device, else the CPU) decodes and resizes each batch, and the images arrive there
-    (see data/device_decode.py). ``device`` is ignored with ``decode="cpu"``."""
-    _check_workers(workers, batch_size)
+        build_train_loader(root, TrainTransform(224, auto_augment="rand-m9-mstd0.5"), batch_size=64,
+                           workers=8, rank=rank, world_size=world_size, seed=0, pin_memory=True,
+                           decode_on=None, options=LoaderOptions(split="train"))
+
+    ``transform`` (a ``TrainTransform``: size, crop scale, interpolation, augmentation, random
+    erasing, resize backend) makes each sample; each rank's batches hold ``batch_size`` of them.
+    ``decode_on=None``: the workers decode, crop and resize; images arrive as CPU tensors.
+    ``decode_on=`` a device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or ``"auto"``
+    for the current CUDA device, else the CPU): the workers only read the files and draw the crops,
+    that device decodes and resizes each batch, and the images arrive there (see
+    data/device_decode.py). ``options``: ``LoaderOptions``, the settings few callers change."""
+    options = options or LoaderOptions()
+    _check_args(transform, TrainTransform, batch_size, workers)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode {decode!r} is not one of {DECODE_MODES}")
-    transform = TrainTransform(image_size, scale=crop_scale, interpolation=interpolation,
-                               auto_augment=auto_augment, random_erasing=random_erasing,
-                               backend=resize_backend)
+    check_decode_on(decode_on)
     worker_transform, collate_fn = transform, collate
-    if decode == "device":
+    if decode_on is not None:
         worker_transform, collate_fn = EncodedTrainTransform(transform), collate_encoded
-    loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=seed,
-                          rank=rank, multiprocessing_context=multiprocessing_context)
-    root = Path(root)
-    if is_shard_dir(root):
-        index = read_index(root, split)
-        epoch = ShardEpoch(index.num_samples // (batch_size * world_size))
+    source = _read_source(root, options.split, "train")
+    workers_on = dict(workers=workers, pin_memory=pin_memory, seed=seed, rank=rank)
+    if isinstance(source, ShardIndex):
+        epoch = ShardEpoch(source.num_samples // (batch_size * world_size))
         if len(epoch) == 0:
-            raise ValueError(f"{index.num_samples} training samples are fewer than one global batch "
+            raise ValueError(f"{source.num_samples} training samples are fewer than one global batch "
                              f"({world_size} ranks x {batch_size}); lower the batch size or add data")
-        stream = ShardTrainStream(index, worker_transform, batch_size=batch_size, rank=rank,
-                                  world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, epoch=epoch,
-                                  collate=collate_fn)
-        dataloader = _dataloader(stream, **loader_options)
-        sampler, classes, num_samples = epoch, index.classes, index.num_samples
+        stream = ShardTrainStream(source, worker_transform, batch_size=batch_size, rank=rank,
+                                  world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer,
+                                  epoch=epoch, collate=collate_fn)
+        dataloader = _dataloader(stream, options, **workers_on)
+        sampler, num_samples = epoch, source.num_samples
     else:
-        table = read_split(root, split)
-        sampler = TrainBatchSampler(len(table), batch_size, rank, world_size, seed)
-        dataloader = _dataloader(TrainFolderDataset(table, worker_transform, seed), batch_sampler=sampler,
-                                 collate_fn=collate_fn, **loader_options)
-        classes, num_samples = table.classes, len(table)
+        sampler = TrainBatchSampler(len(source), batch_size, rank, world_size, seed)
+        dataloader = _dataloader(TrainFolderDataset(source, worker_transform, seed), options, batch_sampler=sampler,
+                                 collate_fn=collate_fn, **workers_on)
+        num_samples = len(source)
     # Built after the layout checks and before any worker starts: a device that cannot decode fails here.
-    decoder = DeviceDecoder(transform, resolve_device(device)) if decode == "device" else None
-    return TrainLoader(dataloader, sampler, classes, num_samples, batch_size, decoder)
+    decoder = None if decode_on is None else DeviceDecoder(transform, resolve_device(decode_on))
+    return TrainLoader(dataloader, sampler, source.classes, num_samples, batch_size, decoder)
 
 
 def build_eval_loader(
     root: str | os.PathLike,
+    transform: EvalTransform,
     *,
-    image_size: int = 224,
-    resize_size: int | None = 256,
-    crop_fraction: float | None = None,
     batch_size: int,
     workers: int,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-    interpolation: str = "bilinear",
-    prefetch_factor: int = 4,
-    multiprocessing_context=None,
-    split: str = "val",
+    options: LoaderOptions | None = None,
 ) -> EvalLoader:
-    """The evaluation loader: resize the shorter side to ``resize_size``, center crop ``image_size``;
-    every image of ``ROOT/<split>`` (or of its shards) once over all ranks. ``crop_fraction`` (e.g.
-    0.875, or timm's ``crop_pct``) sets ``resize_size = floor(image_size / crop_fraction)`` instead.
-    ROOT is taken as ``resolve_data_root`` returns it, not resolved again."""
-    _check_workers(workers, batch_size)
-    if crop_fraction is not None:
-        if not 0 < crop_fraction <= 1:
-            raise ValueError(f"crop_fraction {crop_fraction} must be in (0, 1]")
-        resize_size = math.floor(image_size / crop_fraction)
-    elif resize_size is None:
-        resize_size = math.floor(image_size / 0.875)
-    transform = EvalTransform(image_size, resize_size, interpolation=interpolation)
-    loader_options = dict(workers=workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor, seed=0,
-                          rank=rank, multiprocessing_context=multiprocessing_context)
-    root = Path(root)
-    if is_shard_dir(root):
-        index = read_index(root, split)
-        stream = ShardEvalStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
+    """The evaluation loader: every image of ``ROOT/<split>`` (or of its shards) once over all ranks,
+    made by ``transform`` (an ``EvalTransform``: resize the shorter side, center crop; its resize
+    defaults to floor(size / 0.875)). ROOT is taken as ``resolve_data_root`` returns it, not resolved
+    again. ``options``: ``LoaderOptions``, the settings few callers change (``split`` defaults to "val").
+
+        build_eval_loader(root, EvalTransform(224), batch_size=100, workers=8, rank=rank,
+                          world_size=world_size, pin_memory=True, options=LoaderOptions(split="val"))"""
+    options = options or LoaderOptions()
+    _check_args(transform, EvalTransform, batch_size, workers)
+    source = _read_source(root, options.split, "val")
+    workers_on = dict(workers=workers, pin_memory=pin_memory, seed=0, rank=rank)
+    if isinstance(source, ShardIndex):
+        stream = ShardEvalStream(source, transform, batch_size=batch_size, rank=rank, world_size=world_size,
                                  collate=collate)
         counts = stream.rank_counts(workers)
         num_batches = sum(-(-count // batch_size) for count in counts)
-        return EvalLoader(_dataloader(stream, **loader_options), index.classes, index.num_samples,
+        return EvalLoader(_dataloader(stream, options, **workers_on), source.classes, source.num_samples,
                           sum(counts), num_batches)
-    table = read_split(root, split)
-    sampler = EvalBatchSampler(len(table), batch_size, rank, world_size)
-    dataloader = _dataloader(EvalFolderDataset(table, transform), batch_sampler=sampler, **loader_options)
-    return EvalLoader(dataloader, table.classes, len(table), len(sampler.indices), len(sampler))
+    sampler = EvalBatchSampler(len(source), batch_size, rank, world_size)
+    dataloader = _dataloader(EvalFolderDataset(source, transform), options, batch_sampler=sampler, **workers_on)
+    return EvalLoader(dataloader, source.classes, len(source), len(sampler.indices), len(sampler))

@@ -29,14 +29,14 @@ UNREADABLE_TARGET = -1
 
 
 class Sample(NamedTuple):
-    pixels: np.ndarray  # 3xHxW uint8; with decode="device", an EncodedCrop for the device to decode
+    pixels: np.ndarray  # 3xHxW uint8; with device decode, an EncodedCrop for the device to decode
     target: int
     unreadable: tuple[tuple[str, str], ...]  # (path, reason): files replaced on the way, or a placeholder's own
 
 
 class TrainSampleTransform(Protocol):
     """A training transform: one file (a path, bytes or a stream; ``name`` for messages) and the
-    sample's generator in, pixels out (or, with decode="device", an ``EncodedCrop``); raises
+    sample's generator in, pixels out (or, with device decode, an ``EncodedCrop``); raises
     ``UnreadableImage`` for a file it cannot read."""
 
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> Any: ...

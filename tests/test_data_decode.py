@@ -63,7 +63,7 @@ def tree_with_broken_files(tmp_path):
 def test_training_replaces_logs_once_and_flags_broken_files(tree_with_broken_files, caplog, workers):
     root, broken = tree_with_broken_files
     train_broken = {str(p) for p in broken if "/train/" in str(p)}
-    loader = build_train_loader(root, image_size=32, batch_size=21, workers=workers, seed=0)
+    loader = build_train_loader(root, TrainTransform(32), batch_size=21, workers=workers, seed=0)
     assert loader.num_samples == 21 and len(loader) == 1  # 15 good + 3 odd + 3 broken: one full batch
     caplog.set_level(logging.WARNING, logger="data")
     flagged = []
@@ -82,7 +82,7 @@ def test_replacement_is_deterministic(tree_with_broken_files):
     root, _ = tree_with_broken_files
     runs = []
     for workers in (0, 2):
-        loader = build_train_loader(root, image_size=32, batch_size=21, workers=workers, seed=3)
+        loader = build_train_loader(root, TrainTransform(32), batch_size=21, workers=workers, seed=3)
         loader.set_epoch(5)
         runs.append(list(loader))
     for (xa, ya, ba), (xb, yb, bb) in zip(*runs):
@@ -94,7 +94,7 @@ def test_eval_keeps_going_and_counts_broken_files(tree_with_broken_files, caplog
     caplog.set_level(logging.WARNING, logger="data")
     flagged = seen = 0
     for rank in range(2):
-        loader = build_eval_loader(root, image_size=32, resize_size=36, batch_size=4, workers=rank * 2,
+        loader = build_eval_loader(root, EvalTransform(32, 36), batch_size=4, workers=rank * 2,
                                    rank=rank, world_size=2)
         for _, targets, bad in loader:
             seen += len(targets)

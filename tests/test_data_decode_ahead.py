@@ -28,8 +28,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def loader_for(root, decode, device="cpu", workers=0, batch_size=8):
-    return build_train_loader(root, image_size=32, batch_size=batch_size, workers=workers, seed=SEED,
-                              decode=decode, device=device)
+    return build_train_loader(root, TrainTransform(32), batch_size=batch_size, workers=workers, seed=SEED,
+                              decode_on=device if decode == "device" else None)
 
 
 def decode_threads():

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, build_train_loader, resolve_data_root
+from data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, build_eval_loader, build_train_loader,
+                  resolve_data_root)
 from data.demo import CLASSES, MARKER, make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +70,8 @@ def test_densenet_tiny_learns_the_demo_classes(tmp_path):
     try:
         torch.manual_seed(0)
         model = densenet.create_model("densenet_tiny", num_classes=10)
-        train = build_train_loader(root, image_size=32, batch_size=32, workers=0, seed=0)
-        val = build_eval_loader(root, image_size=32, resize_size=36, batch_size=50, workers=0)
+        train = build_train_loader(root, TrainTransform(32), batch_size=32, workers=0, seed=0)
+        val = build_eval_loader(root, EvalTransform(32, 36), batch_size=50, workers=0)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)

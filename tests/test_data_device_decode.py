@@ -20,7 +20,7 @@ from data.device_decode import (DeviceDecoder, EncodedCrop, EncodedTrainTransfor
 from data.rng import SAMPLE, key_generator
 from data.sample import Sample
 from data.shards import convert
-from data.transforms import TrainTransform
+from data.transforms import EvalTransform, TrainTransform
 
 SEED = 5
 # The CPU device is always tested; on a machine with a GPU the same checks run there as well.
@@ -35,9 +35,10 @@ def large_photos(tmp_path_factory):
     return root
 
 
-def epoch(root, decode, *, workers=0, epoch=2, start_batch=0, batch_size=8, device="cpu", **kw):
-    loader = build_train_loader(root, image_size=32, batch_size=batch_size, workers=workers, seed=SEED,
-                                decode=decode, device=device, **kw)
+def epoch(root, decode, *, workers=0, epoch=2, start_batch=0, batch_size=8, device="cpu", **transform):
+    """One epoch's batches decoded by the workers (decode "cpu") or on ``device`` (decode "device")."""
+    loader = build_train_loader(root, TrainTransform(32, **transform), batch_size=batch_size, workers=workers,
+                                seed=SEED, decode_on=device if decode == "device" else None)
     loader.set_epoch(epoch, start_batch)
     return loader, list(loader)
 
@@ -66,8 +67,7 @@ def test_contract_and_pixels_match_the_cpu_path(photos):
 
 
 def test_crop_boxes_and_flips_are_the_cpu_paths_for_the_same_keys(photos):
-    loader = build_train_loader(photos, image_size=32, batch_size=8, workers=0, seed=SEED, decode="device",
-                                device="cpu")
+    loader = build_train_loader(photos, TrainTransform(32), batch_size=8, workers=0, seed=SEED, decode_on="cpu")
     loader.set_epoch(3)
     transform = TrainTransform(32)
     table = loader.dataloader.dataset.table
@@ -240,15 +240,21 @@ def test_shards_decode_on_the_device_too(photos, tmp_path):
 
 
 def test_bad_options_are_clear_errors(photos):
-    with pytest.raises(ValueError, match="decode 'gpu' is not one of"):
-        build_train_loader(photos, image_size=32, batch_size=8, workers=0, decode="gpu")
+    with pytest.raises(ValueError, match="decode_on 'gpu' is neither None .*, 'auto' nor a device"):
+        build_train_loader(photos, TrainTransform(32), batch_size=8, workers=0, decode_on="gpu")
+    with pytest.raises(ValueError, match="JPEG is decoded on 'cuda' or 'cpu' only"):
+        build_train_loader(photos, TrainTransform(32), batch_size=8, workers=0, decode_on="meta")
     with pytest.raises(ValueError, match="auto_augment"):
-        build_train_loader(photos, image_size=32, batch_size=8, workers=0, decode="device", device="cpu",
-                           auto_augment="ra")
+        build_train_loader(photos, TrainTransform(32, auto_augment="ra"), batch_size=8, workers=0, decode_on="cpu")
+    with pytest.raises(TypeError, match="must be a data.transforms.TrainTransform, got EvalTransform"):
+        build_train_loader(photos, EvalTransform(32), batch_size=8, workers=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            build_train_loader(photos, image_size=32, batch_size=8, workers=0, decode="device", device="cuda")
-    # decode="cpu" leaves images on the CPU, whatever device is named
+            build_train_loader(photos, TrainTransform(32), batch_size=8, workers=0, decode_on="cuda")
+        # "auto": the current CUDA device, else the CPU
+        loader = build_train_loader(photos, TrainTransform(32), batch_size=8, workers=0, decode_on="auto")
+        assert loader.decoder.device == torch.device("cpu")
+    # decode_on=None: the workers decode and images stay on the CPU
     _, batches = epoch(photos, "cpu", batch_size=16)
     assert batches[0][0].device == torch.device("cpu")
 

@@ -13,7 +13,7 @@ from scipy.io import savemat
 
 from _data_util import build_imagefolder, sample_files, sample_wnid, small_jpeg
 
-from data import DataLayoutError, build_eval_loader, imagenet_wnids, resolve_data_root
+from data import DataLayoutError, EvalTransform, build_eval_loader, imagenet_wnids, resolve_data_root
 from data.layouts import load_split
 
 WNIDS = imagenet_wnids()
@@ -102,7 +102,7 @@ def test_raw_val_with_devkit_ground_truth_and_meta(tmp_path, packed):
         (data_dir / "ILSVRC2012_validation_ground_truth.txt").write_bytes(ground_truth)
         (data_dir / "meta.mat").write_bytes(meta)
     # no train split: classes are all 1000 wnids in sorted order, as published weights expect
-    loader = build_eval_loader(tmp_path, image_size=32, resize_size=36, batch_size=3, workers=0)
+    loader = build_eval_loader(tmp_path, EvalTransform(32, 36), batch_size=3, workers=0)
     assert loader.num_classes == 1000 and loader.class_names[0] == "tench"
     targets = torch.cat([y for _, y, _ in loader]).tolist()
     assert targets == expected_targets(labels, list(WNIDS))
@@ -120,9 +120,9 @@ def test_kaggle_download_root_is_understood(tmp_path):
     table = load_split(tmp_path, "val")
     assert table.targets.tolist() == expected_targets(labels, sorted(set(image_wnids())))
     # the loaders take the resolved root as it is, and say which folder to pass instead of the top
-    assert build_eval_loader(root, image_size=32, resize_size=36, batch_size=4, workers=0).num_samples == 8
+    assert build_eval_loader(root, EvalTransform(32, 36), batch_size=4, workers=0).num_samples == 8
     with pytest.raises(DataLayoutError, match=r"is a Kaggle download .*: pass .*CLS-LOC"):
-        build_eval_loader(tmp_path, image_size=32, resize_size=36, batch_size=4, workers=0)
+        build_eval_loader(tmp_path, EvalTransform(32, 36), batch_size=4, workers=0)
 
 
 def test_val_images_of_classes_missing_from_train_are_skipped(tmp_path, caplog):

@@ -9,8 +9,8 @@ import torch
 
 from _data_util import build_imagefolder
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, build_eval_loader, build_train_loader,
-                  resolve_data_root)
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EvalTransform, LoaderOptions, TrainTransform,
+                  build_eval_loader, build_train_loader, resolve_data_root)
 from data.demo import write_demo
 from data.samplers import TrainBatchSampler, eval_range
 
@@ -20,9 +20,9 @@ def demo_root(tmp_path_factory):
     return write_demo(tmp_path_factory.mktemp("demo") / "tree", train_per_class=6, val_per_class=3)
 
 
-def train_batches(root, *, workers, epoch=1, start_batch=0, rank=0, world_size=2, **kw):
-    loader = build_train_loader(root, image_size=32, batch_size=4, workers=workers, rank=rank,
-                                world_size=world_size, seed=7, **kw)
+def train_batches(root, *, workers, epoch=1, start_batch=0, rank=0, world_size=2, **transform):
+    loader = build_train_loader(root, TrainTransform(32, **transform), batch_size=4, workers=workers, rank=rank,
+                                world_size=world_size, seed=7)
     loader.set_epoch(epoch, start_batch)
     return loader, list(loader)
 
@@ -59,7 +59,7 @@ def test_resume_mid_epoch_gives_the_rest_of_the_same_epoch(demo_root):
 
 
 def test_epochs_differ_and_set_epoch_repeats_until_changed(demo_root):
-    loader = build_train_loader(demo_root, image_size=32, batch_size=4, workers=2, seed=7)
+    loader = build_train_loader(demo_root, TrainTransform(32), batch_size=4, workers=2, seed=7)
     loader.set_epoch(0)
     first = list(loader)
     again = list(loader)  # no set_epoch: the same epoch again, like DistributedSampler
@@ -95,13 +95,13 @@ def test_training_leaves_the_callers_global_rng_untouched(demo_root):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 7])
 def test_eval_visits_every_image_exactly_once(demo_root, world_size):
-    reference = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=4, workers=0)
+    reference = build_eval_loader(demo_root, EvalTransform(32, 36), batch_size=4, workers=0)
     ref_images = torch.cat([x for x, _, _ in reference])
     ref_targets = torch.cat([y for _, y, _ in reference])
     assert len(ref_targets) == reference.num_samples == 30
     images, targets, counted = [], [], 0
     for rank in range(world_size):
-        loader = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=4,
+        loader = build_eval_loader(demo_root, EvalTransform(32, 36), batch_size=4,
                                    workers=2 if rank == 0 else 0, rank=rank, world_size=world_size)
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -121,15 +121,28 @@ def test_eval_ranges_tile_the_dataset():
 
 
 def test_crop_fraction_sets_the_resize(demo_root):
-    a = build_eval_loader(demo_root, image_size=32, crop_fraction=0.875, batch_size=8, workers=0)
-    b = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=8, workers=0)
+    a = build_eval_loader(demo_root, EvalTransform(32, crop_fraction=0.875), batch_size=8, workers=0)
+    b = build_eval_loader(demo_root, EvalTransform(32, 36), batch_size=8, workers=0)
     assert torch.equal(next(iter(a))[0], next(iter(b))[0])  # floor(32 / 0.875) = 36
+    assert EvalTransform(32).resize_size == 36 and EvalTransform(224).resize_size == 256  # the default
+    assert EvalTransform(32, crop_fraction=0.8).resize_size == 40
     with pytest.raises(ValueError, match="crop_fraction"):
-        build_eval_loader(demo_root, image_size=32, crop_fraction=1.5, batch_size=8, workers=0)
+        EvalTransform(32, crop_fraction=1.5)
+    with pytest.raises(ValueError, match="give one of them"):
+        EvalTransform(32, 36, crop_fraction=0.875)
+
+
+def test_options_choose_the_split(demo_root):
+    train_as_val = build_eval_loader(demo_root, EvalTransform(32), batch_size=8, workers=0,
+                                     options=LoaderOptions(split="train"))
+    assert train_as_val.num_samples == build_train_loader(demo_root, TrainTransform(32), batch_size=4,
+                                                          workers=0).num_samples
+    with pytest.raises(TypeError, match="must be a data.transforms.EvalTransform, got TrainTransform"):
+        build_eval_loader(demo_root, TrainTransform(32), batch_size=8, workers=0)
 
 
 def test_pin_memory_request_is_harmless_without_cuda(demo_root):
-    loader = build_eval_loader(demo_root, image_size=32, resize_size=36, batch_size=8, workers=0, pin_memory=True)
+    loader = build_eval_loader(demo_root, EvalTransform(32, 36), batch_size=8, workers=0, pin_memory=True)
     images, _, _ = next(iter(loader))
     assert images.is_pinned() == torch.cuda.is_available()
 
@@ -138,10 +151,10 @@ def test_bad_roots_fail_early_naming_what_was_found(tmp_path):
     with pytest.raises(DataLayoutError, match="does not exist"):
         resolve_data_root(str(tmp_path / "nowhere"))
     with pytest.raises(DataLayoutError, match="does not exist"):
-        build_train_loader(tmp_path / "nowhere", image_size=32, batch_size=2, workers=2, seed=0)
+        build_train_loader(tmp_path / "nowhere", TrainTransform(32), batch_size=2, workers=2, seed=0)
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(DataLayoutError, match="no images in .*train: found an empty folder"):
-        build_train_loader(tmp_path / "empty", image_size=32, batch_size=2, workers=2, seed=0)
+        build_train_loader(tmp_path / "empty", TrainTransform(32), batch_size=2, workers=2, seed=0)
     (tmp_path / "odd" / "val").mkdir(parents=True)
     (tmp_path / "odd" / "val" / "readme.txt").write_text("hi")
     with pytest.raises(DataLayoutError, match=r"0 folders and 1 files \(readme.txt\).*expected one of"):
@@ -158,9 +171,9 @@ def test_empty_class_folder_among_full_ones_is_refused(tmp_path):
     build_imagefolder(tmp_path, num_classes=3, per_class=2, val_per_class=1)
     (tmp_path / "train" / "n00000001").mkdir()
     with pytest.raises(DataLayoutError, match="class indices would shift"):
-        build_train_loader(tmp_path, image_size=32, batch_size=2, workers=0, seed=0)
+        build_train_loader(tmp_path, TrainTransform(32), batch_size=2, workers=0, seed=0)
 
 
 def test_a_batch_larger_than_the_dataset_is_a_clear_error(demo_root):
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        build_train_loader(demo_root, image_size=32, batch_size=40, workers=0, world_size=2, seed=0)
+        build_train_loader(demo_root, TrainTransform(32), batch_size=40, workers=0, world_size=2, seed=0)

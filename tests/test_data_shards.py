@@ -16,7 +16,8 @@ import torch
 
 from _data_util import build_imagefolder, write_cmyk, write_zero_byte
 
-from data import DataLayoutError, build_eval_loader, build_train_loader, resolve_data_root
+from data import (DataLayoutError, EvalTransform, LoaderOptions, TrainTransform, build_eval_loader,
+                  build_train_loader, resolve_data_root)
 from data.shards import convert, read_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +95,8 @@ def test_conversion_resumes_and_is_deterministic(source, tmp_path):
 
 
 def batches_of(shards, *, workers, epoch=0, start_batch=0, rank=0, world_size=1, batch_size=4, buffer=8):
-    loader = build_train_loader(shards, image_size=32, batch_size=batch_size, workers=workers, rank=rank,
-                                world_size=world_size, seed=5, shuffle_buffer=buffer)
+    loader = build_train_loader(shards, TrainTransform(32), batch_size=batch_size, workers=workers, rank=rank,
+                                world_size=world_size, seed=5, options=LoaderOptions(shuffle_buffer=buffer))
     loader.set_epoch(epoch, start_batch)
     return loader, list(loader)
 
@@ -140,12 +141,12 @@ def test_more_reader_slots_than_shards_still_splits_the_stream(source, tmp_path)
 
 
 def test_eval_over_shards_sees_every_image_once(shards, source):
-    folder = build_eval_loader(source, image_size=32, resize_size=36, batch_size=4, workers=0)
+    folder = build_eval_loader(source, EvalTransform(32, 36), batch_size=4, workers=0)
     expected = Counter(hashlib.sha1(x.numpy().tobytes()).hexdigest() for b, _, _ in folder for x in b)
     for world_size, workers in ((1, 0), (2, 2), (3, 0), (9, 0)):
         seen = Counter()
         for rank in range(world_size):
-            loader = build_eval_loader(shards, image_size=32, resize_size=36, batch_size=4, workers=workers,
+            loader = build_eval_loader(shards, EvalTransform(32, 36), batch_size=4, workers=workers,
                                        rank=rank, world_size=world_size)
             batches = list(loader)
             assert len(batches) == len(loader)
@@ -158,8 +159,8 @@ def test_broken_sample_is_replaced_flagged_and_logged_once(shards, caplog):
     caplog.set_level(logging.WARNING, logger="data")
     for workers, batch_size in ((0, 42), (2, 21)):
         caplog.clear()
-        loader = build_train_loader(shards, image_size=32, batch_size=batch_size, workers=workers, seed=5,
-                                    shuffle_buffer=50)
+        loader = build_train_loader(shards, TrainTransform(32), batch_size=batch_size, workers=workers, seed=5,
+                                    options=LoaderOptions(shuffle_buffer=50))
         flagged = []
         for epoch in range(3):
             loader.set_epoch(epoch)
@@ -197,4 +198,4 @@ def test_shard_dir_errors_name_the_fix(shards, source, tmp_path):
     only_train = tmp_path / "only_train"
     convert(source, "train", only_train, samples_per_shard=20, show_progress=False)
     with pytest.raises(DataLayoutError, match="--split val --out"):
-        build_eval_loader(only_train, batch_size=4, workers=0)
+        build_eval_loader(only_train, EvalTransform(), batch_size=4, workers=0)

@@ -18,7 +18,7 @@ from torch import nn
 
 from _data_util import write_not_an_image, write_truncated
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader, build_train_loader
+from data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, build_eval_loader, build_train_loader
 from data.shards import convert
 from densenet.training.distributed import DistInfo
 from densenet.training.evaluation import evaluate
@@ -34,7 +34,7 @@ def classifier(num_classes=4):
 
 
 def run_eval(root, workers=0, record_to=None, **kw):
-    loader = build_eval_loader(root, image_size=32, resize_size=36, batch_size=2, workers=workers, **kw)
+    loader = build_eval_loader(root, EvalTransform(32, 36), batch_size=2, workers=workers, **kw)
     if record_to is not None:
         loader.record_unreadable_to(record_to)
     normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, CPU.device, channels_last=False)
@@ -73,7 +73,7 @@ def test_an_unreadable_val_file_is_left_out_and_counted(photos, tmp_path, clean,
 
 def test_eval_batches_flag_the_placeholder_with_target_minus_one(photos, tmp_path):
     root, _ = with_broken_val_files(photos, tmp_path / "tree")
-    loader = build_eval_loader(root, image_size=32, resize_size=36, batch_size=8, workers=0)
+    loader = build_eval_loader(root, EvalTransform(32, 36), batch_size=8, workers=0)
     (images, targets, bad), = list(loader)
     assert bad.tolist() == [False, True, False, False, False]  # the first class's second file
     assert targets[1] == -1 and not images[1].any() and targets[bad.logical_not()].min() >= 0
@@ -105,7 +105,7 @@ def test_each_unreadable_file_is_listed_once_per_run(photos, tmp_path, caplog):
     run_dir.mkdir()
     unreadable_txt = run_dir / "unreadable.txt"
     caplog.set_level(logging.WARNING, logger="data")
-    loader = build_eval_loader(root, image_size=32, resize_size=36, batch_size=2, workers=0)
+    loader = build_eval_loader(root, EvalTransform(32, 36), batch_size=2, workers=0)
     loader.record_unreadable_to(unreadable_txt)
     for _ in range(2):  # two epochs
         assert sum(int(bad.sum()) for _, _, bad in loader) == 2
@@ -123,7 +123,7 @@ def test_training_lists_its_replaced_files_in_the_same_list(photos, tmp_path):
     broken = write_truncated(tmp_path / "tree" / "train" / sorted(os.listdir(photos / "train"))[0] / "zz.JPEG")
     unreadable_txt = tmp_path / "unreadable.txt"
     for attempt in range(2):  # the second loader plays a resumed run
-        loader = build_train_loader(tmp_path / "tree", image_size=32, batch_size=11, workers=0, seed=0)
+        loader = build_train_loader(tmp_path / "tree", TrainTransform(32), batch_size=11, workers=0, seed=0)
         loader.record_unreadable_to(unreadable_txt)
         for epoch in range(2):
             loader.set_epoch(epoch)
@@ -136,13 +136,13 @@ RANK_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import torch, torch.distributed as dist
     from torch import nn
-    from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_loader
+    from data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, build_eval_loader
     from densenet.training.distributed import init_distributed, shutdown
     from densenet.training.evaluation import evaluate
     from densenet.training.inputs import DeviceNormalize
 
     info = init_distributed("cpu")
-    loader = build_eval_loader(sys.argv[2], image_size=32, resize_size=36, batch_size=2, workers=0,
+    loader = build_eval_loader(sys.argv[2], EvalTransform(32, 36), batch_size=2, workers=0,
                                rank=info.rank, world_size=info.world_size)
     loader.record_unreadable_to(sys.argv[3])
     torch.manual_seed(0)

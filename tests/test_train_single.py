@@ -106,7 +106,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path)
 def test_evaluate_a_torchvision_weight_file(data, tmp_path):
     import torchvision
 
-    from data import build_eval_loader
+    from data import EvalTransform, build_eval_loader
     from data import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def test_evaluate_a_torchvision_weight_file(data, tmp_path):
 
     # torchvision's own model on the same validation images gives the same numbers
     tv.eval()
-    loader = build_eval_loader(data, image_size=32, resize_size=None, batch_size=16, workers=0, rank=0, world_size=1)
+    loader = build_eval_loader(data, EvalTransform(32), batch_size=16, workers=0, rank=0, world_size=1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     correct1 = correct5 = total = 0

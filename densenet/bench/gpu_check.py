@@ -243,7 +243,7 @@ def _measure(make_step: Callable[[int], Callable[[], None]], batch: int, device:
 def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     import torch
 
-    from data import build_train_loader
+    from data import TrainTransform, build_train_loader
 
     from ..training.checkpoint import Progress
     from ..training.signals import StopRequest
@@ -256,8 +256,9 @@ def _trainer_child(job: TrainerJob) -> Dict[str, Any]:
     stop = StopRequest()  # not installed: nothing here should stop the loop
     loader = None
     if job.source != "premade":
-        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
-                                    pin_memory=device.type == "cuda", decode=job.source, device=device)
+        loader = build_train_loader(job.root, TrainTransform(job.image_size), batch_size=job.batch,
+                                    workers=job.workers, pin_memory=device.type == "cuda",
+                                    decode_on=device if job.source == "device" else None)
 
     def epoch(batches: int, number: int) -> float:
         if loader is None:

@@ -111,7 +111,7 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
     """Inputs as the model saw them (un-normalised), device decode against CPU decode."""
     import torch
 
-    from data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader
+    from data import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, build_train_loader
 
     from ..training.checkpoint import Progress
     from ..training.signals import StopRequest
@@ -120,8 +120,9 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     seen: Dict[str, torch.Tensor] = {}
     for decode in ("device", "cpu"):
-        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
-                                    seed=1, decode=decode, device=device, pin_memory=device.type == "cuda")
+        loader = build_train_loader(job.root, TrainTransform(job.image_size), batch_size=job.batch,
+                                    workers=job.workers, seed=1, decode_on=device if decode == "device" else None,
+                                    pin_memory=device.type == "cuda")
         trainer = build_trainer(device, accum_steps=2, batch=job.batch, image_size=job.image_size,
                            classes=loader.num_classes)
         inputs: List[torch.Tensor] = []
@@ -144,11 +145,11 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
 def _decode_ordering(job: CheckJob, device: Any) -> Dict[str, Any]:
     import torch
 
-    from data import build_train_loader
+    from data import TrainTransform, build_train_loader
 
     def batches(stress: bool) -> tuple:
-        loader = build_train_loader(job.root, image_size=job.image_size, batch_size=job.batch, workers=job.workers,
-                                    seed=2, decode="device", device=device)
+        loader = build_train_loader(job.root, TrainTransform(job.image_size), batch_size=job.batch,
+                                    workers=job.workers, seed=2, decode_on=device)
         loader.set_epoch(0)
         images, corrupted = [], 0
         for i, (x, _, _) in enumerate(loader):

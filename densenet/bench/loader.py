@@ -19,7 +19,7 @@ alike:
   reference trainer builds it: shuffled, the same workers and batch size, pin_memory on CUDA;
 * ours, decode cpu: ``data.build_train_loader`` (uint8 batches; crop drawn from the JPEG header,
   draft decode where it helps, crop-only resize);
-* ours, decode device: ``build_train_loader(decode="device")``: the workers read bytes and draw crops,
+* ours, decode device: ``build_train_loader(decode_on=device)``: the workers read bytes and draw crops,
   the device decodes and resizes the batch (measured by default when CUDA is present).
 
 Each run takes ``--warmup`` batches (worker start-up, page cache) and then times ``--batches``
@@ -106,11 +106,11 @@ def _reference_batches(cfg: LoaderConfig, pin: bool) -> Iterator[Tuple[Any, Any]
 
 
 def _our_batches(cfg: LoaderConfig, pin: bool, stats: Dict[str, Any]) -> Iterator[Tuple[Any, Any]]:
-    from data import build_train_loader
+    from data import TrainTransform, build_train_loader
 
-    extra = dict(decode="device", device=cfg.device) if cfg.decode == "device" else {}
-    loader = build_train_loader(cfg.root, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                                workers=cfg.workers, seed=0, pin_memory=pin, **extra)
+    loader = build_train_loader(cfg.root, TrainTransform(cfg.image_size), batch_size=cfg.batch_size,
+                                workers=cfg.workers, seed=0, pin_memory=pin,
+                                decode_on=cfg.device if cfg.decode == "device" else None)
     if loader.decoder is not None:
         stats["decoded"] = loader.decoder.counts
     epoch = 0
