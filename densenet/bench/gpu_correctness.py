@@ -124,7 +124,7 @@ def _decode_accum(job: CheckJob, device: Any) -> Dict[str, Any]:
                                     workers=job.workers, seed=1, decode_on=device if decode == "device" else None,
                                     pin_memory=device.type == "cuda")
         trainer = build_trainer(device, accum_steps=2, batch=job.batch, image_size=job.image_size,
-                           classes=loader.num_classes)
+                                classes=loader.num_classes)
         inputs: List[torch.Tensor] = []
         trainer.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().float().cpu() * std + mean))
         four_steps = FirstBatches(loader, min(len(loader), 8))  # four optimizer steps of two micro-batches
