@@ -47,15 +47,16 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 import densenet  # noqa: E402
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EvalTransform, TrainTransform,  # noqa: E402
-                  build_eval_loader, build_train_loader, resolve_data_root)
+from data import IMAGENET_MEAN, IMAGENET_STD, DataLayoutError  # noqa: E402
 from data.files import atomic_write_bytes  # noqa: E402
+from data.index import IndexCache, SplitIndex  # noqa: E402
 from densenet.training.checkpoint import CheckpointError, Checkpointer, Progress, Resumed, check_fits  # noqa: E402
 from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
 from densenet.training.distributed import (DistInfo, SharedError, barrier, checked_on_every_rank,  # noqa: E402
                                            exit_without_teardown, init_distributed, shutdown)
 from densenet.training.engine import EpochEnd, EpochStats, Trainer, build_trainer, prepare_model  # noqa: E402
 from densenet.training.evaluation import evaluate  # noqa: E402
+from densenet.training.loaders import build_loaders, eval_loader, index_data  # noqa: E402
 from densenet.training.inputs import DeviceNormalize  # noqa: E402
 from densenet.training.optim import kernels_in_use, peak_lr  # noqa: E402
 from densenet.training.reporting import Reporter, format_duration, unreadable_note  # noqa: E402
@@ -100,12 +101,13 @@ def train(cfg: Config, info: DistInfo, run: RunSettings, stop: StopRequest) -> i
         return say_complete(resumed, cfg, info)
     start_weights = (checked_on_every_rank(info, lambda: read_start_weights(cfg), BAD_INPUT)
                      if cfg.weights and resumed is None else None)
-    train_loader, val_loader = checked_on_every_rank(info, lambda: build_loaders(cfg, info, run), BAD_INPUT)
+    indexes = index_data(cfg, info, ("train", "val"), IndexCache.of_run(run_dir))
+    train_loader, val_loader = build_loaders(cfg, info, run, indexes)
     plan = checked_on_every_rank(info, lambda: plan_run(cfg, info, train_loader, resumed), BAD_INPUT)
     cfg = plan.cfg  # with the checkpoint's peak lr, when it is kept
 
     # --- the run folder and what is reported to it: rank 0 writes, every rank reads the same folder
-    reporter = open_run_folder(cfg, info, plan, resumed)
+    reporter = open_run_folder(cfg, info, plan, resumed, indexes)
     for loader in (train_loader, val_loader):  # each unreadable file listed once in the run folder
         loader.record_unreadable_to(run_dir / "unreadable.txt")
     configure_backends(cfg, info.device)
@@ -152,8 +154,8 @@ def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
     weights = checked_on_every_rank(info, lambda: read_weights(cfg.weights), BAD_INPUT)
     cfg = checked_on_every_rank(info, lambda: settings_of(weights, cfg), BAD_INPUT)
     results_file = Path(cfg.results_file or cfg.run_dir() / f"eval_{Path(cfg.weights).stem}.json")
-    val_loader = checked_on_every_rank(info, lambda: eval_loader(cfg, info, run, resolve_data_root(cfg.data)),
-                                       BAD_INPUT)
+    val = index_data(cfg, info, ("val",), IndexCache(None))["val"]
+    val_loader = checked_on_every_rank(info, lambda: eval_loader(cfg, info, run, val.source), BAD_INPUT)
     configure_backends(cfg, info.device)
     model = densenet.create_model(cfg.arch, num_classes=cfg.num_classes or weights.num_classes)
     try:
@@ -231,25 +233,6 @@ def read_start_weights(cfg: Config) -> WeightsFile:
     return weights
 
 
-def build_loaders(cfg: Config, info: DistInfo, run: RunSettings) -> Any:
-    root = resolve_data_root(cfg.data)
-    try:
-        transform = TrainTransform(cfg.image_size, auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing)
-        train_loader = build_train_loader(root, transform, batch_size=cfg.batch_size, workers=run.workers,
-                                          rank=info.rank, world_size=info.world_size, seed=cfg.seed,
-                                          pin_memory=run.pin_memory, decode_on=run.decode_on)
-    except ValueError as e:  # an augmentation policy or setting the transforms do not know
-        raise ConfigError(str(e)) from None
-    return train_loader, eval_loader(cfg, info, run, root)
-
-
-def eval_loader(cfg: Config, info: DistInfo, run: RunSettings, root: Path) -> Any:
-    # eval_resize None: EvalTransform's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place)
-    return build_eval_loader(root, EvalTransform(cfg.image_size, cfg.eval_resize),
-                             batch_size=cfg.eval_batch_size or cfg.batch_size, workers=run.workers,
-                             rank=info.rank, world_size=info.world_size, pin_memory=run.pin_memory)
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """What the data and the process layout make of the config: known once the loaders exist."""
@@ -310,12 +293,17 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
-def open_run_folder(cfg: Config, info: DistInfo, plan: RunPlan, resumed: Optional[Resumed]) -> Reporter:
-    """The run folder (made by rank 0, seen by every rank) and the run's reporter, with its W&B run
-    (continued when the checkpoint names one)."""
+def open_run_folder(cfg: Config, info: DistInfo, plan: RunPlan, resumed: Optional[Resumed],
+                    indexes: Dict[str, SplitIndex]) -> Reporter:
+    """The run folder (made by rank 0, seen by every rank) with a copy of each data index that was
+    listed now, and the run's reporter, with its W&B run (continued when the checkpoint names one)."""
     run_dir = cfg.run_dir()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        cache = IndexCache.of_run(run_dir)
+        for index in indexes.values():
+            cache.keep(index)
+            print(index.describe(), flush=True)
     barrier(info)
 
     def say(message: str) -> None:

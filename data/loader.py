@@ -23,12 +23,13 @@ from .classes import class_names
 from .datasets import EvalFolderDataset, TrainFolderDataset
 from .device_decode import (DecodeAhead, DeviceDecoder, EncodedTrainTransform, check_decode_on, collate_encoded,
                             resolve_device)
-from .layouts import SampleTable, read_split
+from .index import Source, read_source
+from .layouts import SampleTable
 from .rng import WORKERS, key_seed
 from .sample import Sample, TooManyUnreadable
 from .samplers import EvalBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
-from .shards import ShardIndex, is_shard_dir, read_index
+from .shards import ShardIndex
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,11 @@ def _check_args(transform, expected: type, batch_size: int, workers: int) -> Non
         raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
-def _read_source(root: str | os.PathLike, split: str | None, default_split: str) -> ShardIndex | SampleTable:
-    """The split's shard index if ROOT is a folder of shards, else its sample table (any layout)."""
-    root, split = Path(root), split or default_split
-    return read_index(root, split) if is_shard_dir(root) else read_split(root, split)
+def _source_of(data: Source | str | os.PathLike, split: str | None, default_split: str) -> Source:
+    """An index made already (data.index: once per job), or the index of ``data``'s split, read now."""
+    if isinstance(data, (SampleTable, ShardIndex)):
+        return data
+    return read_source(data, split or default_split)
 
 
 def _already_batched(batch):
@@ -270,7 +272,7 @@ class EvalLoader(_Loader):
 
 
 def build_train_loader(
-    root: str | os.PathLike,
+    data: Source | str | os.PathLike,
     transform: TrainTransform,
     *,
     batch_size: int,
@@ -282,9 +284,10 @@ def build_train_loader(
     decode_on: torch.device | str | None = None,
     options: LoaderOptions | None = None,
 ) -> TrainLoader:
-    """The training loader for a dataset folder ROOT (any layout ``data.layouts`` reads) or a folder
-    of tar shards written by ``python -m data.shards`` (streamed through ``options.shuffle_buffer``).
-    ROOT is taken as ``resolve_data_root`` returns it, not resolved again.
+    """The training loader for a dataset folder (any layout ``data.layouts`` reads) or a folder of
+    tar shards written by ``python -m data.shards`` (streamed through ``options.shuffle_buffer``).
+    ``data`` is the folder as ``resolve_data_root`` returns it (not resolved again), or its split's
+    index made already (``data.index``; then ``options.split`` is not used).
 
         build_train_loader(root, TrainTransform(224, auto_augment="rand-m9-mstd0.5"), batch_size=64,
                            workers=8, rank=rank, world_size=world_size, seed=0, pin_memory=True,
@@ -305,7 +308,7 @@ def build_train_loader(
     worker_transform, collate_fn = transform, collate
     if decode_on is not None:
         worker_transform, collate_fn = EncodedTrainTransform(transform), collate_encoded
-    source = _read_source(root, options.split, "train")
+    source = _source_of(data, options.split, "train")
     workers_on = dict(workers=workers, pin_memory=pin_memory, seed=seed, rank=rank)
     if isinstance(source, ShardIndex):
         epoch = ShardEpoch(source.num_samples // (batch_size * world_size))
@@ -328,7 +331,7 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    root: str | os.PathLike,
+    data: Source | str | os.PathLike,
     transform: EvalTransform,
     *,
     batch_size: int,
@@ -340,14 +343,14 @@ def build_eval_loader(
 ) -> EvalLoader:
     """The evaluation loader: every image of ``ROOT/<split>`` (or of its shards) once over all ranks,
     made by ``transform`` (an ``EvalTransform``: resize the shorter side, center crop; its resize
-    defaults to floor(size / 0.875)). ROOT is taken as ``resolve_data_root`` returns it, not resolved
-    again. ``options``: ``LoaderOptions``, the settings few callers change (``split`` defaults to "val").
+    defaults to floor(size / 0.875)). ``data``: the folder as ``resolve_data_root`` returns it, or
+    its split's index made already (``data.index``). ``options``: ``LoaderOptions``, the settings few callers change (``split`` defaults to "val").
 
         build_eval_loader(root, EvalTransform(224), batch_size=100, workers=8, rank=rank,
                           world_size=world_size, pin_memory=True, options=LoaderOptions(split="val"))"""
     options = options or LoaderOptions()
     _check_args(transform, EvalTransform, batch_size, workers)
-    source = _read_source(root, options.split, "val")
+    source = _source_of(data, options.split, "val")
     workers_on = dict(workers=workers, pin_memory=pin_memory, seed=0, rank=rank)
     if isinstance(source, ShardIndex):
         stream = ShardEvalStream(source, transform, batch_size=batch_size, rank=rank, world_size=world_size,
