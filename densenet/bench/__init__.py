@@ -6,6 +6,7 @@
     python -m densenet.bench gpu ...        # the GPU check (one H200): CUDA-only checks, trainer, models
     python -m densenet.bench pipeline ...   # one loader worker: our decode + augmentation vs torchvision's
     python -m densenet.bench decoders ...   # torchcodec vs torchvision vs PIL JPEG decoding
+    python -m densenet.bench index ...      # the data index at ImageNet's size vs ImageFolder
     python -m densenet.bench --help     # every benchmark and its options
 
 Each benchmark prints a table with ratios to a reference row and the spread over repeats, and can
