@@ -138,15 +138,10 @@ def train(cfg: Config, info: DistInfo, run: RunSettings, stop: StopRequest) -> i
             return exit_interrupted(stats.signal, stop, reporter, trainer.progress)
         is_best = trainer.end_epoch(stats, val_loader)
         checkpoints.save(trainer, epoch_end=stats.complete, is_best=is_best)
-        signum = trainer.agreed_signal(stop)  # one that came during the evaluation may be on some ranks only
-        if signum:
+        # A signal that came during the evaluation may have reached some ranks only: agree first.
+        if signum := trainer.agreed_signal(stop):
             return exit_interrupted(signum, stop, reporter, trainer.progress)
-    progress = trainer.progress
-    reporter.finish(EXIT_OK)  # before the last line, so that wandb's closing notes do not bury it
-    reporter.print(f"finished in {format_duration(time.monotonic() - started)}: best val top1 "
-                   f"{progress.best_top1:.2f} at epoch {progress.best_epoch} ({run_dir / 'best.pt'}); "
-                   f"run folder {run_dir}")
-    return EXIT_OK
+    return say_finished(time.monotonic() - started, trainer.progress, run_dir, reporter)
 
 
 def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
@@ -366,6 +361,13 @@ def exit_interrupted(signum: int, stop: StopRequest, reporter: Reporter, progres
     reporter.event("interrupted", epoch=progress.epoch + 1, step=progress.global_step, signal=signum)
     reporter.finish(EXIT_INTERRUPTED, preempted=True)
     return EXIT_INTERRUPTED
+
+
+def say_finished(seconds: float, progress: Progress, run_dir: Path, reporter: Reporter) -> int:
+    reporter.finish(EXIT_OK)  # before the last line, so that wandb's closing notes do not bury it
+    reporter.print(f"finished in {format_duration(seconds)}: best val top1 {progress.best_top1:.2f} at epoch "
+                   f"{progress.best_epoch} ({run_dir / 'best.pt'}); run folder {run_dir}")
+    return EXIT_OK
 
 
 def stop_nonfinite(stats: EpochStats, run_dir: Path, reporter: Reporter) -> int:
