@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import os
 import shutil
 import socket
@@ -42,6 +43,28 @@ IMAGE_SIZE = 64
 
 # --- the tree ------------------------------------------------------------------------------------
 
+class _Linker:
+    """os.link, with a fresh copy of the source once it has as many links as a file system allows
+    (ext4: 65,000), kept in ``spare``."""
+
+    def __init__(self, spare: Path) -> None:
+        self.spare = spare
+        self.current: Dict[Path, Path] = {}
+
+    def __call__(self, src: Path, dst: Path) -> None:
+        target = self.current.get(src, src)
+        try:
+            os.link(target, dst)
+        except OSError as e:
+            if e.errno != errno.EMLINK:
+                raise
+            self.spare.mkdir(exist_ok=True)
+            target = self.spare / f"{len(list(self.spare.iterdir()))}-{src.name}"
+            shutil.copyfile(src, target)
+            self.current[src] = target
+            os.link(target, dst)
+
+
 def make_tree(root: Path, per_class: int, classes: int, val_images: int, samples: List[Path]) -> Path:
     """ImageNet's shape in hard links to ``samples`` (copies where links are not allowed)."""
     from data.classes import imagenet_wnids
@@ -49,7 +72,7 @@ def make_tree(root: Path, per_class: int, classes: int, val_images: int, samples
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"error: {root} exists and is not empty; give a new folder to --root with --make-tree")
     wnids = imagenet_wnids()[:classes]
-    link = os.link
+    link = _Linker(root / ".link-sources")
     for c, wnid in enumerate(wnids):
         folder = root / "train" / wnid
         folder.mkdir(parents=True)
@@ -230,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
         root = Path(args.root) if args.root else work / "tree"
         if args.make_tree:
             samples = (jpeg_tree.sample_files(Path(args.samples)) if args.samples else
-                       jpeg_tree.sample_files(jpeg_tree.write_synthetic_samples(work / "samples", count=8)))
+                       jpeg_tree.sample_files(jpeg_tree.write_synthetic_samples(work / "samples", count=100)))
             t0 = time.perf_counter()
             make_tree(root, args.make_tree, args.classes, args.val_images, samples)
             print(f"made {root}: {args.classes} x {args.make_tree} train, {args.val_images} val files "
