@@ -12,8 +12,10 @@ Recognised layouts of ``ROOT/<split>``:
 ROOT may also be the top of the Kaggle download; ``ILSVRC/Data/CLS-LOC`` is then used.
 
 Class indices follow the sorted class folder names of the train split (ImageNet: sorted wnids, the
-order published weights use). Without a train folder they come from the val folders, and for a
-raw val folder alone they are the 1000 ILSVRC2012 wnids.
+order published weights use). Without a train folder they come from the val folders; val folders that
+are all ILSVRC2012 wnids, and a raw val folder alone, get the 1000 ILSVRC2012 classes. A class-defining
+split that mixes wnid folders with other folders (a stray ``backup/``) is refused, as is a split that
+still holds unextracted per-class ``<wnid>.tar`` archives.
 
 The result is a ``SampleTable`` of numpy arrays, not a list of Python tuples: DataLoader workers
 read it without touching reference counts, so their copy-on-write memory stays flat.
@@ -26,13 +28,14 @@ import io
 import logging
 import os
 import re
+import shlex
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .classes import imagenet_wnids
+from .classes import imagenet_wnids, is_wnid
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ KAGGLE_LABELS = "LOC_val_solution.csv"
 DEVKIT_LABELS = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "meta.mat"
 DEVKIT_TARBALL = "ILSVRC2012_devkit_t12.tar.gz"
+CLASS_ARCHIVE = re.compile(r"^n\d{8}\.tar$")  # inside ILSVRC2012_img_train.tar: one archive per class
 
 EXPECTED_LAYOUTS = (
     "expected one of: ROOT/<split>/<class>/*.JPEG (ImageFolder); ROOT/val/ILSVRC2012_val_*.JPEG "
@@ -122,14 +126,39 @@ def _image_names(folder: Path) -> list[str]:
 
 
 def find_classes(root: Path) -> tuple[str, ...]:
-    """Class names in index order for the whole dataset (shared by train and val)."""
+    """Class names in index order for the whole dataset (shared by train and val): train's class
+    folders; without them val's, or all 1000 ILSVRC2012 wnids when val's are ILSVRC2012 wnids (a
+    subset evaluated with 1000-class weights); and those 1000 for a raw val folder alone."""
     for split in ("train", "val"):
         split_dir = root / split
         if split_dir.is_dir():
             names = _class_dirs(split_dir)
             if names:
+                _refuse_stray_folders(split_dir, names)
+                if split == "val" and set(names) <= set(imagenet_wnids()):
+                    return imagenet_wnids()
                 return tuple(names)
     return imagenet_wnids()
+
+
+def _refuse_stray_folders(split_dir: Path, class_dirs: list[str]) -> None:
+    """Among wnid class folders, any other folder would become a class and shift every index after it."""
+    strays = [name for name in class_dirs if not is_wnid(name)]
+    if strays and len(strays) < len(class_dirs):
+        raise DataLayoutError(
+            f"{split_dir} holds folders that are not ImageNet class folders ({', '.join(strays[:5])}"
+            f"{', ...' if len(strays) > 5 else ''}) next to {len(class_dirs) - len(strays)} wnid class folders: each "
+            f"would become a class and shift the indices of the others; move them out of {split_dir}")
+
+
+def _refuse_class_archives(split_dir: Path, file_names: list[str]) -> None:
+    archives = sorted(name for name in file_names if CLASS_ARCHIVE.match(name))
+    if archives:
+        raise DataLayoutError(
+            f"{split_dir} holds {len(archives)} unextracted per-class archives ({', '.join(archives[:3])}"
+            f"{', ...' if len(archives) > 3 else ''}); extract each into a folder of its name and remove it: "
+            f"cd {shlex.quote(str(split_dir))} && for f in n*.tar; do mkdir -p \"${{f%.tar}}\" && tar -xf \"$f\" -C "
+            f"\"${{f%.tar}}\" && rm \"$f\"; done")
 
 
 def load_split(root: str | os.PathLike, split: str, classes: tuple[str, ...] | None = None) -> SampleTable:
@@ -149,6 +178,7 @@ def read_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -
                                   f"{root / KAGGLE_SUBDIR}, which resolve_data_root({str(root)!r}) returns")
         raise DataLayoutError(f"{root} has no {split}/ folder; found {describe_dir(root)}; "
                               f"{EXPECTED_LAYOUTS}")
+    _refuse_class_archives(split_dir, [e.name for e in os.scandir(split_dir) if not e.is_dir()])
     classes = find_classes(root) if classes is None else tuple(classes)
     class_dirs = _class_dirs(split_dir)
     flat_images = _image_names(split_dir)
@@ -176,9 +206,11 @@ def check_split(root: Path, split: str) -> str:
     split_dir = root / split
     with os.scandir(split_dir) as entries:
         sample = [e for _, e in zip(range(2000), entries)]
+    _refuse_class_archives(split_dir, [e.name for e in sample if not e.is_dir()])
     class_dirs = sorted(e.name for e in sample if e.is_dir() and not e.name.startswith("."))
     images = [e.name for e in sample if is_image_file(e.name)]
     if class_dirs and not images:
+        find_classes(root)  # refuses stray folders among the class folders, as read_split does
         if not _image_names(split_dir / class_dirs[0]):
             raise DataLayoutError(f"{split_dir / class_dirs[0]} holds no *.JPEG/*.jpg/*.png images: "
                                   f"found {describe_dir(split_dir / class_dirs[0])}; {EXPECTED_LAYOUTS}")
@@ -270,6 +302,7 @@ def _label_search_dirs(root: Path, split_dir: Path) -> list[Path]:
 def _raw_val_labels(root: Path, split_dir: Path) -> tuple[dict[int, str], Path]:
     """Image number -> wnid for the raw val folder, from whichever label file is found first."""
     searched = _label_search_dirs(root, split_dir)
+    lone_ground_truth: list[Path] = []  # the devkit's ground truth without the meta.mat it needs
     for d in searched:
         if (d / KAGGLE_LABELS).is_file():
             return read_kaggle_labels(d / KAGGLE_LABELS), d / KAGGLE_LABELS
@@ -278,8 +311,15 @@ def _raw_val_labels(root: Path, split_dir: Path) -> tuple[dict[int, str], Path]:
                 labels = read_devkit_labels((data_dir / DEVKIT_LABELS).read_bytes(),
                                             (data_dir / DEVKIT_META).read_bytes())
                 return labels, data_dir / DEVKIT_LABELS
+            if (data_dir / DEVKIT_LABELS).is_file():
+                lone_ground_truth.append(data_dir / DEVKIT_LABELS)
         if (d / DEVKIT_TARBALL).is_file():
             return read_devkit_tarball(d / DEVKIT_TARBALL), d / DEVKIT_TARBALL
+    if lone_ground_truth:
+        raise DataLayoutError(
+            f"{lone_ground_truth[0]} was found but no {DEVKIT_META} next to it: the ground truth numbers classes "
+            f"in {DEVKIT_META}'s order, so copy {DEVKIT_META} from the devkit's data/ folder next to it (or put "
+            f"{DEVKIT_TARBALL} or {KAGGLE_LABELS} next to val/)")
     raise DataLayoutError(
         f"{split_dir} holds raw ILSVRC2012_val_*.JPEG files but no labels were found: looked for "
         f"{KAGGLE_LABELS}, {DEVKIT_LABELS} + {DEVKIT_META} (also under data/ and "

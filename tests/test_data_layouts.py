@@ -4,6 +4,8 @@ devkit (meta.mat class order -> wnids) or by Kaggle's LOC_val_solution.csv, and 
 import csv
 import io
 import logging
+import shutil
+import subprocess
 import tarfile
 
 import numpy as np
@@ -162,3 +164,66 @@ def test_stray_loose_files_and_mixed_layouts_are_refused(tmp_path):
     small_jpeg(sample_files()[0], other / "val" / "holiday.jpg")
     with pytest.raises(DataLayoutError, match=r"not ILSVRC2012_val_XXXXXXXX.JPEG files \(holiday.jpg\)"):
         resolve_data_root(str(other))
+
+
+def refused_alike(root, split, match):
+    """The quick check (resolve_data_root) and the full read (load_split) refuse with the same one line."""
+    with pytest.raises(DataLayoutError, match=match) as quick:
+        resolve_data_root(str(root))
+    with pytest.raises(DataLayoutError, match=match) as full:
+        load_split(root, split)
+    assert str(quick.value) == str(full.value) and "\n" not in str(full.value)
+    return str(full.value)
+
+
+def test_val_folders_of_imagenet_wnids_alone_get_the_1000_class_order(tmp_path):
+    wnids = build_imagefolder(tmp_path, num_classes=4, per_class=0, val_per_class=2)
+    assert wnids == sorted(wnids) and WNIDS.index(wnids[-1]) > 3  # the subset's own order would differ
+    table = load_split(tmp_path, "val")
+    assert table.classes == WNIDS
+    assert table.targets.tolist() == [WNIDS.index(w) for w in wnids for _ in range(2)]
+
+
+def test_a_train_subset_of_wnids_keeps_its_own_classes_for_train_and_val(tmp_path):
+    wnids = build_imagefolder(tmp_path, num_classes=3, per_class=1, val_per_class=1)
+    for split in ("train", "val"):
+        table = load_split(tmp_path, split)
+        assert table.classes == tuple(wnids) and table.targets.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_stray_folder_among_wnid_class_folders_is_refused(tmp_path, split):
+    build_imagefolder(tmp_path, num_classes=3, per_class=1, val_per_class=1)
+    if split == "val":  # a validation-only tree: its folders decide the classes
+        shutil.rmtree(tmp_path / "train")
+    small_jpeg(sample_files()[0], tmp_path / split / ".ipynb_checkpoints" / "a.JPEG")  # hidden: not read
+    assert len(load_split(tmp_path, split)) == 3
+    small_jpeg(sample_files()[0], tmp_path / split / "backup" / "a.JPEG")
+    message = refused_alike(tmp_path, split, r"not ImageNet class folders \(backup\) next to 3 wnid class folders")
+    assert message.endswith(f"move them out of {tmp_path / split}")
+
+
+def test_unextracted_per_class_archives_get_the_command_that_extracts_them(tmp_path):
+    wnids = build_imagefolder(tmp_path, num_classes=3, per_class=2, val_per_class=1)
+    for wnid in wnids:  # as ILSVRC2012_img_train.tar holds them: one tar of JPEGs per class
+        with tarfile.open(tmp_path / "train" / f"{wnid}.tar", "w") as tar:
+            for jpeg in sorted((tmp_path / "train" / wnid).iterdir()):
+                tar.add(jpeg, arcname=jpeg.name)
+        shutil.rmtree(tmp_path / "train" / wnid)
+    message = refused_alike(tmp_path, "train", r"holds 3 unextracted per-class archives \(n\d{8}.tar, ")
+    assert "for f in n*.tar; do" in message
+    # the suggested loop, run as printed, gives a tree that reads
+    subprocess.run(message.split("remove it: ", 1)[1], shell=True, check=True)
+    assert len(load_split(tmp_path, "train")) == 6 and not list((tmp_path / "train").glob("*.tar"))
+    # half extracted: the archives left would be classes missing from the data
+    with tarfile.open(tmp_path / "train" / f"{wnids[0]}.tar", "w"):
+        pass
+    refused_alike(tmp_path, "train", r"holds 1 unextracted per-class archives")
+
+
+def test_devkit_ground_truth_without_meta_mat_says_meta_mat_is_missing(tmp_path):
+    (tmp_path / "val").mkdir()
+    labels = write_raw_val(tmp_path / "val", image_wnids()[:2])
+    ground_truth, _ = devkit_files(labels)
+    (tmp_path / "ILSVRC2012_validation_ground_truth.txt").write_bytes(ground_truth)
+    refused_alike(tmp_path, "val", r"ground_truth.txt was found but no meta.mat next to it: .* copy meta.mat")
