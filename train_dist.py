@@ -151,8 +151,10 @@ def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
     results_file = Path(cfg.results_file or cfg.run_dir() / f"eval_{Path(cfg.weights).stem}.json")
     val = index_data(cfg, info, ("val",), IndexCache(None))["val"]
     val_loader = checked_on_every_rank(info, lambda: eval_loader(cfg, info, run, val.source), BAD_INPUT)
+    num_classes = cfg.num_classes or weights.num_classes
+    checked_on_every_rank(info, lambda: check_class_count(cfg, num_classes, val_loader.num_classes), BAD_INPUT)
     configure_backends(cfg, info.device)
-    model = densenet.create_model(cfg.arch, num_classes=cfg.num_classes or weights.num_classes)
+    model = densenet.create_model(cfg.arch, num_classes=num_classes)
     try:
         model.load_state_dict(weights.state_dict)
     except RuntimeError as e:
@@ -170,6 +172,16 @@ def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
               f"top5 {result.top5:.3f}  loss {result.loss:.4f}  images {result.count}"
               f"{unreadable_note(result.unreadable)}; results in {results_file}", flush=True)
     return EXIT_OK
+
+
+def check_class_count(cfg: Config, num_classes: int, data_classes: int) -> None:
+    """Output i must be class i of the data: any other count scores against the wrong labels."""
+    if num_classes != data_classes:
+        source = "--num-classes" if cfg.num_classes else cfg.weights
+        raise ConfigError(f"num_classes: {source} has {num_classes} classes but {cfg.data} has {data_classes}, so "
+                          "every score would be counted against other labels; give --data the classes the weights "
+                          "were trained on (class indices follow ROOT/train's folders, else ROOT/val's: all 1000 "
+                          "ILSVRC2012 classes when those are ImageNet wnids)")
 
 
 def settings_of(weights: WeightsFile, cfg: Config) -> Config:

@@ -178,3 +178,32 @@ def test_unreadable_images_are_left_out_of_evaluation_and_listed_once(data, tmp_
     assert evaluated.returncode == 0, evaluated.stderr
     assert "images 99 (1 unreadable, left out)" in evaluated.stdout
     assert json.loads((out / "eval_best.json").read_text())["unreadable"] == 1
+
+
+def test_a_validation_subset_of_wnids_is_scored_in_the_1000_class_order(tmp_path):
+    import torch
+
+    import densenet
+    from _data_util import build_imagefolder
+    from data import imagenet_wnids
+
+    subset = tmp_path / "subset"  # val/<wnid>/ of 4 ImageNet classes, no train/
+    wnids = build_imagefolder(subset, num_classes=4, per_class=0, val_per_class=2)
+    model = densenet.create_model("densenet_tiny", num_classes=1000)
+    with torch.no_grad():  # scores rank the 4 classes (by their 1000-class index) above the other 996
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        for rank, wnid in enumerate(wnids):
+            model.classifier.bias[imagenet_wnids().index(wnid)] = 1.0 + rank
+    weights = tmp_path / "densenet_tiny_in1k.pth"
+    torch.save(model.state_dict(), weights)
+    args = TINY + ["--evaluate", "--weights", str(weights), "--output-dir", str(tmp_path / "eval")]
+    proc = run_split(args + ["--data", str(subset)])
+    assert proc.returncode == 0, proc.stderr
+    assert "top1 25.000  top5 100.000" in proc.stdout and "images 8" in proc.stdout  # not 0 and 25
+    # with a train/ of the 4 wnids the data has its own 4 classes: 1000-class weights do not fit it
+    build_imagefolder(tmp_path / "trained", num_classes=4, per_class=1, val_per_class=1)
+    before = snapshot(tmp_path / "eval")
+    refused(run_split(args + ["--data", str(tmp_path / "trained")]),
+            f"{weights} has 1000 classes but {tmp_path / 'trained'} has 4", "give --data the classes")
+    assert snapshot(tmp_path / "eval") == before
