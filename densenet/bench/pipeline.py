@@ -15,6 +15,9 @@ count time the process spent waiting for a core on a busy machine) and from wall
                bilinear, antialias) + RandomHorizontalFlip + PILToTensor + ConvertImageDtype(float)
                + Normalize;
 * floor:       the full decode alone (Image.open + load, convert to RGB only when needed).
+
+Files that cannot be decoded (empty, truncated, not an image) are found by one full decode of each
+file before the warm-up, left out of every pipeline and counted in the output, as the loaders count them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import PIL
 import torch
 from PIL import Image
 
+from data.decode import UnreadableImage, decode_rgb
 from data.layouts import is_image_file
 from data.rng import key_generator
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_backend, pillow_simd_installed
@@ -42,6 +46,18 @@ def find_images(root: Path, limit: int) -> list[str]:
         raise SystemExit(f"error: no *.JPEG/*.jpg/*.png files under {root}")
     step = max(1, len(files) // limit)
     return files[::step][:limit]
+
+
+def readable_images(files: list[str]) -> tuple[list[str], list[UnreadableImage]]:
+    """The files that decode, and why each of the others does not."""
+    readable, unreadable = [], []
+    for path in files:
+        try:
+            decode_rgb(path)
+            readable.append(path)
+        except UnreadableImage as err:
+            unreadable.append(err)
+    return readable, unreadable
 
 
 def decode_floor(path: str) -> None:
@@ -102,7 +118,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    files = find_images(args.root, args.limit)
+    files, unreadable = readable_images(find_images(args.root, args.limit))
+    skipped = f" ({len(unreadable)} unreadable, skipped: e.g. {unreadable[0]})" if unreadable else ""
+    if not files:
+        raise SystemExit(f"error: no readable images under {args.root}{skipped}")
     pipelines = {
         "ours": ours(args.image_size, args.resize_backend),
         "torchvision": torchvision_preset(args.image_size),
@@ -119,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     median_wall = {name: statistics.median(wall for _, wall in values) for name, values in rounds.items()}
 
     simd = pillow_simd_installed()
-    print(f"{len(files)} images from {args.root}, output {args.image_size}px, 1 process, 1 torch thread, "
+    print(f"{len(files)} images from {args.root}{skipped}, output {args.image_size}px, 1 process, 1 torch thread, "
           f"median of {args.rounds} rounds")
     print(f"PIL {PIL.__version__} ({'pillow-simd' if simd else 'pillow'}), torch {torch.__version__}, "
           f"train resize backend: {choose_backend(args.resize_backend)}")
@@ -131,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ours vs torchvision: {speedup:.2f}x faster; decode floor vs ours: {floor_ratio:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({
-            "images": len(files), "image_size": args.image_size, "rounds": args.rounds,
+            "images": len(files), "unreadable": len(unreadable), "image_size": args.image_size, "rounds": args.rounds,
             "pil": PIL.__version__, "pillow_simd": simd, "torch": torch.__version__,
             "resize_backend": choose_backend(args.resize_backend),
             "images_per_cpu_second": median, "images_per_wall_second": median_wall,
