@@ -9,8 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import densenet
+from _data_util import build_imagefolder
 from _train_util import REPO, TINY, command, demo_root, env, run
+from data import imagenet_wnids
 
 pytestmark = pytest.mark.slow
 
@@ -181,12 +185,6 @@ def test_unreadable_images_are_left_out_of_evaluation_and_listed_once(data, tmp_
 
 
 def test_a_validation_subset_of_wnids_is_scored_in_the_1000_class_order(tmp_path):
-    import torch
-
-    import densenet
-    from _data_util import build_imagefolder
-    from data import imagenet_wnids
-
     subset = tmp_path / "subset"  # val/<wnid>/ of 4 ImageNet classes, no train/
     wnids = build_imagefolder(subset, num_classes=4, per_class=0, val_per_class=2)
     model = densenet.create_model("densenet_tiny", num_classes=1000)
