@@ -149,7 +149,8 @@ def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
     weights = checked_on_every_rank(info, lambda: read_weights(cfg.weights), BAD_INPUT)
     cfg = checked_on_every_rank(info, lambda: settings_of(weights, cfg), BAD_INPUT)
     results_file = Path(cfg.results_file or cfg.run_dir() / f"eval_{Path(cfg.weights).stem}.json")
-    val = index_data(cfg, info, ("val",), IndexCache(None))["val"]
+    # A checkpoint of ours names its classes: the labels are then those of its training data.
+    val = index_data(cfg, info, ("val",), IndexCache(None), classes=weights.classes)["val"]
     val_loader = checked_on_every_rank(info, lambda: eval_loader(cfg, info, run, val.source), BAD_INPUT)
     num_classes = cfg.num_classes or weights.num_classes
     checked_on_every_rank(info, lambda: check_class_count(cfg, num_classes, val_loader.num_classes), BAD_INPUT)

@@ -32,10 +32,11 @@ INDEX_FORMAT = 1  # raised when what an index holds, or how it is made, changes
 Source = SampleTable | ShardIndex
 
 
-def read_source(root: str | os.PathLike, split: str) -> Source:
-    """The split's shard index if ROOT is a folder of shards, else its sample table (any layout)."""
+def read_source(root: str | os.PathLike, split: str, classes: tuple[str, ...] | None = None) -> Source:
+    """The split's shard index if ROOT is a folder of shards, else its sample table (any layout);
+    ``classes``: the class ids in label order (a model's), instead of the tree's own (folders only)."""
     root = Path(root)
-    return read_index(root, split) if is_shard_dir(root) else read_split(root, split)
+    return read_index(root, split) if is_shard_dir(root) else read_split(root, split, classes)
 
 
 def tree_stamp(root: str | os.PathLike, split: str) -> list[list]:
@@ -94,15 +95,16 @@ class IndexCache:
         """The copies a run folder keeps, in its data-index/ folder."""
         return cls(Path(run_dir) / "data-index")
 
-    def index(self, root: str | os.PathLike, split: str) -> SplitIndex:
-        """The split's index: this cache's copy if it matches the tree, else made from the tree."""
+    def index(self, root: str | os.PathLike, split: str, classes: tuple[str, ...] | None = None) -> SplitIndex:
+        """The split's index: this cache's copy if it matches the tree, else made from the tree
+        (with ``classes``, read_source's, always made from the tree)."""
         started = time.perf_counter()
         root = Path(root)
         stamp = tree_stamp(root, split)
-        source = self._load(root, split, stamp)
+        source = self._load(root, split, stamp) if classes is None else None
         cached = source is not None
         if source is None:
-            source = read_source(root, split)
+            source = read_source(root, split, classes)
         return SplitIndex(root, split, source, stamp, cached, time.perf_counter() - started)
 
     def keep(self, index: SplitIndex) -> None:

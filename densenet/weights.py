@@ -78,6 +78,8 @@ class WeightsFile:
                  torchvision's weight files) or "wrapped" (another trainer's dict holding a state_dict
                  under "model" / "state_dict" / "model_ema" ...).
     ema:         whether state_dict holds EMA weights.
+    classes:     the class ids (wnids) of the classifier's rows, in order, where the file records
+                 them (our checkpoints and exports); else None.
     """
 
     path: str
@@ -87,6 +89,7 @@ class WeightsFile:
     num_classes: int
     source: str
     ema: bool = False
+    classes: Optional[Tuple[str, ...]] = None
 
 
 def normalize_keys(state_dict: Mapping[str, Tensor]) -> StateDict:
@@ -186,9 +189,10 @@ def _interpret(obj: Any, source: str, ema: bool = False) -> WeightsFile:
     """The WeightsFile of an object loaded from `source` (a name used in messages)."""
     arch: Optional[str] = None
     image_size: Optional[int] = None
+    classes: Any = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("arch"), str):
         # A checkpoint of ours: arch and config as plain data, EMA weights under "ema" (or None).
-        kind, arch = "checkpoint", obj["arch"]
+        kind, arch, classes = "checkpoint", obj["arch"], obj.get("classes")
         config = obj.get("config")
         image_size = _int_or_none(config.get("image_size")) if isinstance(config, Mapping) else None
         candidate = obj.get("ema") if ema else obj["model"]
@@ -202,6 +206,7 @@ def _interpret(obj: Any, source: str, ema: bool = False) -> WeightsFile:
             kind = "export"
             arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
             image_size = _int_or_none(meta.get("image_size"))
+            classes = meta.get("classes")
             if ema and not meta.get("ema"):
                 raise WeightsError(f"{source} is an export of a run's model weights, not of its EMA weights; "
                                    "leave out --ema")
@@ -227,7 +232,15 @@ def _interpret(obj: Any, source: str, ema: bool = False) -> WeightsFile:
     if not _is_densenet_state_dict(state_dict):
         raise _not_densenet(source, obj if kind == "wrapped" else candidate)
     return WeightsFile(path=source, state_dict=dict(state_dict), arch=arch or infer_arch(state_dict),
-                       image_size=image_size, num_classes=_num_classes(state_dict), source=kind, ema=ema)
+                       image_size=image_size, num_classes=_num_classes(state_dict), source=kind, ema=ema,
+                       classes=_class_ids(classes, _num_classes(state_dict)))
+
+
+def _class_ids(classes: Any, num_classes: int) -> Optional[Tuple[str, ...]]:
+    """A recorded class list, when it is one and names every row of the classifier."""
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
+        return tuple(classes)
+    return None
 
 
 def serialize(obj: Any) -> bytes:
@@ -308,7 +321,8 @@ def export_torchvision(src: Union[PathLike, Mapping[str, Any]], out: PathLike, *
         (k, v.detach().cpu().contiguous()) for k, v in found.state_dict.items())
     state_dict._metadata = OrderedDict({EXPORT_METADATA_KEY: {  # type: ignore[attr-defined]
         "format": EXPORT_FORMAT, "arch": found.arch, "image_size": found.image_size,
-        "num_classes": found.num_classes, "ema": found.ema}})
+        "num_classes": found.num_classes, "ema": found.ema,
+        "classes": list(found.classes) if found.classes else None}})
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, serialize(state_dict))
     return out

@@ -2,7 +2,7 @@
 made once per job (data/index.py), then the training and evaluation loaders of this rank."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from data import DataLayoutError, EvalTransform, TrainTransform, build_eval_loader, build_train_loader, resolve_data_root
 from data.index import IndexCache, Source, SplitIndex
@@ -15,12 +15,14 @@ from .settings import RunSettings
 DATA_REFUSALS = (ConfigError, DataLayoutError)
 
 
-def index_data(cfg: Config, info: DistInfo, splits: Tuple[str, ...], cache: IndexCache) -> Dict[str, SplitIndex]:
+def index_data(cfg: Config, info: DistInfo, splits: Tuple[str, ...], cache: IndexCache,
+               classes: Optional[Tuple[str, ...]] = None) -> Dict[str, SplitIndex]:
     """The splits' indexes, made once per job: every rank finds the data root (the demo data is
     made where it is missing); rank 0 alone lists the tree (or reads the run folder's copy of an
     index, while the tree is unchanged) and the others receive what it found."""
     root = checked_on_every_rank(info, lambda: resolve_data_root(cfg.data), DATA_REFUSALS)
-    return decided_by_main(info, lambda: {split: cache.index(root, split) for split in splits}, DATA_REFUSALS)
+    return decided_by_main(info, lambda: {split: cache.index(root, split, classes) for split in splits},
+                           DATA_REFUSALS)
 
 
 def build_loaders(cfg: Config, info: DistInfo, run: RunSettings, indexes: Dict[str, SplitIndex]) -> Tuple[Any, Any]:
