@@ -13,7 +13,8 @@
 Running the same command again resumes from the newest valid checkpoint in --output-dir.
 SIGTERM, SIGINT or SIGUSR1 on any rank: every rank finishes its step, a checkpoint is saved, exit 3.
 Exit status: 0 done, 2 bad configuration or input (one line, before anything is written), 3 interrupted
-(rerun to resume), 4 non-finite loss.
+(rerun to resume), 4 non-finite loss, 5 another process lost (a host died, was cut off or froze for
+--dist-timeout seconds; rerun to resume).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import time
 import traceback
 
 from densenet.training.config import Config, ConfigError, parse_config
-from densenet.training.signals import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, StopRequest
+from densenet.training.signals import (EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK,
+                                      EXIT_PEER_LOST, StopRequest)
 
 
 def print_once(message: str) -> None:
@@ -53,7 +55,7 @@ from data.index import IndexCache, SplitIndex  # noqa: E402
 from densenet.training.checkpoint import CheckpointError, Checkpointer, Progress, Resumed, check_fits  # noqa: E402
 from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
 from densenet.training.distributed import (DistInfo, SharedError, barrier, checked_on_every_rank,  # noqa: E402
-                                           exit_without_teardown, init_distributed, shutdown)
+                                           exit_without_teardown, init_distributed, lost_peer, shutdown)
 from densenet.training.engine import EpochEnd, EpochStats, Trainer, build_trainer, prepare_model  # noqa: E402
 from densenet.training.evaluation import evaluate  # noqa: E402
 from densenet.training.loaders import build_loaders, eval_loader, index_data  # noqa: E402
@@ -75,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_once(f"error: {e}")
         return EXIT_CONFIG_ERROR
     stop = StopRequest().install()  # before anything slow, so an early signal is not lost
-    info = init_distributed(cfg.device, cfg.deterministic)
+    info = init_distributed(cfg.device, cfg.deterministic, cfg.dist_timeout)
+    peer_lost = False
     try:
         run = checked_on_every_rank(info, lambda: resolve_settings(cfg, info), BAD_INPUT)
         return evaluate_weights(cfg, info, run) if cfg.evaluate else train(cfg, info, run, stop)
@@ -86,8 +89,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BAD_INPUT as e:  # found by this rank alone, during the run
         print(f"error{f' (rank {info.rank})' if info.is_distributed else ''}: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
+    except RuntimeError as e:
+        said = lost_peer(e)
+        if said is None:
+            raise
+        print(f"error (rank {info.rank}): lost contact with the other processes of the run ({said}): a host died, "
+              f"lost its network or froze, or a process was killed. Rerun the same command to resume from the last "
+              f"checkpoint (exit status {EXIT_PEER_LOST}; the SLURM scripts requeue)", file=sys.stderr, flush=True)
+        peer_lost = True  # its process group cannot be shut down cleanly: the process just ends
+        return EXIT_PEER_LOST
     finally:
-        shutdown(info)
+        if not peer_lost:
+            shutdown(info)
 
 
 def train(cfg: Config, info: DistInfo, run: RunSettings, stop: StopRequest) -> int:

@@ -141,6 +141,8 @@ class Config:
                                ("auto", "fused", "foreach", "loop"))
     sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across processes (CUDA)")
     deterministic: bool = _opt(False, "deterministic algorithms: a resumed run matches an uninterrupted one bitwise")
+    dist_timeout: float = _opt(600.0, "seconds a collective waits for the other processes before the run stops "
+                               "(a dead, cut-off or frozen host): exit 5, rerun to resume")
     seed: int = _opt(0, "random seed")
 
     # --- checkpoints, resume, evaluation only
@@ -410,6 +412,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be positive (or null), got {value}")
     if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"workers must not be negative, got {cfg.workers}")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be positive (seconds), got {cfg.dist_timeout}")
     for name in ["ckpt_every", "keep_epochs", "weight_decay", "warmup_epochs", "min_lr",
                  "mixup", "cutmix", "momentum", "seed"]:
         if getattr(cfg, name) < 0:
@@ -463,6 +467,7 @@ def save_config(cfg: Config, path: Path, derived: Mapping[str, Any]) -> None:
 # Keys that say where and how a run is driven and logged, not what it computes: a resumed run that
 # changes them changes none of its numbers, so they are not reported as config changes.
 _LOGISTICS = frozenset({"resume", "output_dir", "evaluate", "weights", "results_file", "workers", "log_every",
+                        "dist_timeout",
                         "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_tags"})
 
 

@@ -111,8 +111,9 @@ def device_index(local_rank: int, device_count: int, local_world_size: int) -> i
         f"(one process per GPU, CUDA_VISIBLE_DEVICES listing them all)")
 
 
-def init_distributed(device_type: str = "auto", deterministic: bool = False) -> DistInfo:
-    """Start the process group (if more than one process) and bind this process to its device."""
+def init_distributed(device_type: str = "auto", deterministic: bool = False, timeout_s: float = 1800.0) -> DistInfo:
+    """Start the process group (if more than one process) and bind this process to its device;
+    a collective that waits longer than ``timeout_s`` for the others raises (``lost_peer``)."""
     launch = read_launch_env(os.environ)
     use_cuda = torch.cuda.is_available() if device_type == "auto" else device_type == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -133,7 +134,7 @@ def init_distributed(device_type: str = "auto", deterministic: bool = False) -> 
         os.environ["MASTER_PORT"] = str(launch.master_port)
     backend = "nccl" if use_cuda else "gloo"
     kwargs: dict = {"backend": backend, "rank": launch.rank, "world_size": launch.world_size,
-                    "init_method": "env://", "timeout": timedelta(minutes=30)}
+                    "init_method": "env://", "timeout": timedelta(seconds=timeout_s)}
     if use_cuda:
         kwargs["device_id"] = device  # binds NCCL to the device eagerly and avoids a guessed-device barrier
     dist.init_process_group(**kwargs)
@@ -172,6 +173,21 @@ def default_workers(info: DistInfo) -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return loader_workers(cpus, info.launcher, info.local_world_size, os.environ)
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """What the backend said, when ``error`` means another process of the run is gone or stuck (its
+    host died or lost its network, it was killed or frozen) rather than a bug here; else None.
+    NCCL raises DistBackendError; gloo a plain RuntimeError from its TCP transport."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError)):
+        return first[:300]
+    gloo_io = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "Connection refused",
+               "Broken pipe", "No route to host")
+    if isinstance(error, RuntimeError) and "gloo" in text and any(s in text for s in gloo_io):
+        return first[:300]
+    return None
 
 
 def shutdown(info: DistInfo) -> None:

@@ -27,6 +27,7 @@ EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 3  # a checkpoint was saved: run the same command again to resume
 EXIT_NONFINITE = 4  # the loss became NaN/inf; the last good checkpoint was left as it was
+EXIT_PEER_LOST = 5  # another process of the run died, was cut off or froze; rerun to resume from the last checkpoint
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DUPLICATE_WINDOW_S = 2.0
