@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"error (rank {info.rank}): lost contact with the other processes of the run ({said}): a host died, "
               f"lost its network or froze, or a process was killed. Rerun the same command to resume from the last "
-              f"checkpoint (exit status {EXIT_PEER_LOST}; the SLURM scripts requeue)", file=sys.stderr, flush=True)
+              f"checkpoint (exit status {EXIT_PEER_LOST})", file=sys.stderr, flush=True)
         peer_lost = True  # its process group cannot be shut down cleanly: the process just ends
         return EXIT_PEER_LOST
     finally:
