@@ -25,6 +25,7 @@ creator is gone (a crashed earlier run), never those of a cluster still in use.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -220,6 +221,9 @@ class NetnsCluster:
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(hosts_file)
             (etc / "hostname").write_text(host + "\n")
+            # No name server: names come from the hosts file alone; any other lookup fails at
+            # once (on the host's own loopback) instead of trying the machine's name servers.
+            (etc / "resolv.conf").write_text("options attempts:1 timeout:1\n")
 
     def close(self) -> None:
         """Kill every process on every host and delete the namespaces and links; safe to call twice."""
@@ -293,6 +297,11 @@ class NetnsCluster:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+
+    def traffic(self, host: str) -> Dict[str, int]:
+        """Bytes `host` has sent to ("tx") and received from ("rx") the other hosts so far."""
+        stats = json.loads(_ip("-n", self._netns[host], "-j", "-s", "link", "show", "eth0").stdout)[0]["stats64"]
+        return {"rx": stats["rx"]["bytes"], "tx": stats["tx"]["bytes"]}
 
     def cut(self, host: str) -> None:
         """Take `host`'s link to the bridge down, as an unplugged cable: nothing gets through

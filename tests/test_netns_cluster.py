@@ -57,6 +57,8 @@ def test_three_hosts_see_their_own_names_and_each_other(make_netns_cluster):
         assert seen["hostname"] == host and seen["fqdn"] == host
         # every name resolves to that host's bridge address, never to a loopback address
         assert seen["resolved"] == {h: cluster.address(h) for h in hosts}
+        rc, out = _output(cluster, host, "import socket; socket.gethostbyname('not-a-host')")
+        assert rc != 0 and "gaierror" in out  # at once, from the hosts file: no name server to ask
     rc, out = _output(cluster, "alpha", "import socket; print(socket.gethostname())")
     assert out.strip() == "alpha"
     assert socket.gethostname() not in hosts  # the machine's own name is untouched
@@ -74,8 +76,11 @@ def test_tcp_between_hosts_cut_and_restore(netns_cluster):
     assert rc != 0 and ("timed out" in out or "unreachable" in out), out
     assert time.monotonic() - t0 < 10
     c.restore("node2")
+    before = c.traffic("node2")
     rc, out = _output(c, "node2", CONNECT, "node1", "5000", "10")
     assert rc == 0 and out.strip() == "hello", out
+    after = c.traffic("node2")
+    assert after["tx"] > before["tx"] and after["rx"] > before["rx"]
     server.wait(10)
 
 
