@@ -1,0 +1,70 @@
+"""Two-host training: one torchrun agent on each of two simulated hosts (tests/netns_cluster.py),
+meeting in a c10d rendezvous on the first host as launch/slurm_multi_node.sh arranges it, with gloo
+between the hosts; it ends bitwise equal to the same world size on one host (--standalone)."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _train_util import REPO, TINY, TRAIN, assert_same_training_state, demo_root, env, load, run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+ARGS = TINY + ["--deterministic", "--batch-size", "16", "--epochs", "1", "--lr", "0.4", "--ckpt-every", "0",
+               "--max-steps", str(STEPS)]
+
+
+def rendezvous(nodelist, job_id):
+    """launch/slurm_multi_node.sh: the first host of the allocation, port 10000 + job id % 20000."""
+    return nodelist[0], 10000 + job_id % 20000
+
+
+def test_two_hosts_train_like_one_host_with_the_same_world_size(netns_cluster, tmp_path):
+    data = demo_root(tmp_path / "data")
+    hosts = netns_cluster.hosts
+    job_id = random.randrange(1, 1_000_000)
+    rdzv_host, rdzv_port = rendezvous(hosts, job_id)
+    two_hosts = tmp_path / "two_hosts"  # one folder both hosts see, as a shared file system
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(hosts)}", "--nproc_per_node=1",
+                "--max-restarts=0", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_host}:{rdzv_port}",
+                f"--rdzv_id={job_id}", TRAIN, *ARGS, "--data", str(data), "--output-dir", str(two_hosts)]
+    before = netns_cluster.traffic(hosts[1])
+    t0 = time.monotonic()
+    agents = {}
+    for host in hosts:  # LOGLEVEL=INFO: torchrun logs the rendezvous (master_addr, ranks) for a failure's output
+        with open(tmp_path / f"{host}.log", "w") as log:
+            agents[host] = netns_cluster.run(host, torchrun, dict(env(), LOGLEVEL="INFO"), cwd=REPO, stdout=log,
+                                             stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    for agent in agents.values():
+        try:
+            agent.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # reported below with its log; the cluster's teardown kills it
+    two_host_s = time.monotonic() - t0
+    after = netns_cluster.traffic(hosts[1])
+    logs = {h: (tmp_path / f"{h}.log").read_text() for h in hosts}
+    for host, agent in agents.items():
+        assert agent.returncode == 0, f"{host} (status {agent.returncode}):\n{logs[host]}"
+    assert "on 2 x cpu (torchrun, gloo)" in logs[hosts[0]] + logs[hosts[1]]
+
+    t0 = time.monotonic()
+    one_host = tmp_path / "one_host"
+    proc = run(ARGS + ["--data", str(data), "--output-dir", str(one_host)], nproc=2)
+    one_host_s = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout
+    print(f"\n{STEPS} steps on 2 processes: two hosts {two_host_s:.1f} s, one host {one_host_s:.1f} s")
+    assert_same_training_state(one_host / "last.pt", two_hosts / "last.pt")
+    # The gradients went between the hosts: with two processes, gloo's ring all-reduce sends
+    # and receives the size of the gradients each step.
+    grad_bytes = sum(t.numel() * t.element_size() for t in load(two_hosts / "last.pt")["model"].values()
+                     if t.is_floating_point())
+    sent, received = after["tx"] - before["tx"], after["rx"] - before["rx"]
+    print(f"{hosts[1]} sent {sent / 1e6:.1f} MB, received {received / 1e6:.1f} MB; "
+          f"gradients {grad_bytes / 1e6:.2f} MB a step")
+    assert min(sent, received) > STEPS * grad_bytes / 2
