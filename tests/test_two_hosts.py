@@ -68,3 +68,59 @@ def test_two_hosts_train_like_one_host_with_the_same_world_size(netns_cluster, t
     print(f"{hosts[1]} sent {sent / 1e6:.1f} MB, received {received / 1e6:.1f} MB; "
           f"gradients {grad_bytes / 1e6:.2f} MB a step")
     assert min(sent, received) > STEPS * grad_bytes / 2
+
+
+FAULT_ARGS = TINY + ["--deterministic", "--batch-size", "25", "--epochs", "3", "--ckpt-every", "4",
+                     "--image-size", "48", "--log-every", "100", "--dist-timeout", "5"]
+
+
+def start_agents(cluster, tmp_path, args, tag):
+    hosts = cluster.hosts
+    job_id = random.randrange(1, 1_000_000)
+    rdzv_host, rdzv_port = rendezvous(hosts, job_id)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(hosts)}", "--nproc_per_node=1",
+                "--max-restarts=0", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_host}:{rdzv_port}",
+                f"--rdzv_id={job_id}", TRAIN, *args]
+    agents = {}
+    for host in hosts:
+        with open(tmp_path / f"{tag}-{host}.log", "w") as log:
+            agents[host] = cluster.run(host, torchrun, env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return agents
+
+
+@pytest.mark.parametrize("fault", ["dies", "cut_off"])
+def test_a_host_that_dies_or_is_cut_off_never_hangs_the_other(make_netns_cluster, tmp_path, fault):
+    cluster = make_netns_cluster()
+    survivor, lost = cluster.hosts
+    data = demo_root(tmp_path / "data")
+    out = tmp_path / "run"
+    args = FAULT_ARGS + ["--data", str(data), "--output-dir", str(out)]
+    agents = start_agents(cluster, tmp_path, args, "faulted")
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists():
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents.values()), "no checkpoint"
+        time.sleep(0.01)
+    started = time.monotonic()
+    if fault == "dies":
+        cluster.kill_host(lost)
+    else:
+        cluster.cut(lost)
+    status = agents[survivor].wait(timeout=120)
+    took = time.monotonic() - started
+    said = (tmp_path / f"faulted-{survivor}.log").read_text()
+    print(f"\nhost {lost} {fault.replace('_', ' ')}: the agent on {survivor} exited with status {status} "
+          f"after {took:.1f} s")
+    assert status != 0 and "lost contact with the other processes of the run" in said, said
+    assert took < (20 if fault == "dies" else 5 + 25), took
+    cluster.kill_host(lost)
+    cluster.restore(lost)
+
+    again = start_agents(cluster, tmp_path, args, "rerun")
+    for host, agent in again.items():
+        assert agent.wait(timeout=180) == 0, (tmp_path / f"rerun-{host}.log").read_text()
+    assert "resumed from" in (tmp_path / f"rerun-{survivor}.log").read_text() + \
+        (tmp_path / f"rerun-{lost}.log").read_text()
+    reference = tmp_path / "reference"
+    proc = run(args[:-1] + [str(reference)], nproc=2)
+    assert proc.returncode == 0, proc.stdout
+    assert_same_training_state(out / "last.pt", reference / "last.pt")
