@@ -24,7 +24,7 @@ import numpy as np
 
 from .files import atomic_write_bytes
 from .layouts import DEVKIT_LABELS, DEVKIT_META, DEVKIT_TARBALL, KAGGLE_LABELS, SampleTable, read_split
-from .shards import ShardIndex, is_shard_dir, read_index
+from .shard_index import ShardIndex, is_shard_dir, read_index
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class IndexCache:
         source = index.source
         if isinstance(source, ShardIndex):
             meta.update(kind="shards", shard_dir=str(source.shard_dir), classes=list(source.classes),
-                        shards=list(source.shards), counts=list(source.counts))
+                        shards=list(source.shards), counts=list(source.counts), counts_from=source.counts_from)
             arrays = {}
         else:
             meta.update(kind="table", table_root=source.root, classes=list(source.classes), layout=source.layout)
@@ -139,7 +139,7 @@ class IndexCache:
                     return None
                 if meta["kind"] == "shards":
                     return ShardIndex(Path(meta["shard_dir"]), split, tuple(meta["classes"]), tuple(meta["shards"]),
-                                      tuple(meta["counts"]))
+                                      tuple(meta["counts"]), meta["counts_from"])
                 return SampleTable(meta["table_root"], npz["paths"], npz["targets"], tuple(meta["classes"]),
                                    meta["layout"])
         except FileNotFoundError:

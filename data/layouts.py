@@ -51,8 +51,9 @@ CLASS_ARCHIVE = re.compile(r"^n\d{8}\.tar$")  # inside ILSVRC2012_img_train.tar:
 EXPECTED_LAYOUTS = (
     "expected one of: ROOT/<split>/<class>/*.JPEG (ImageFolder); ROOT/val/ILSVRC2012_val_*.JPEG "
     f"(raw ILSVRC2012 val, labelled by {KAGGLE_LABELS} or the devkit's {DEVKIT_LABELS} + "
-    f"{DEVKIT_META}); a Kaggle download containing {KAGGLE_SUBDIR}; a folder of tar shards written "
-    "by `python -m data.shards`; or 'demo'"
+    f"{DEVKIT_META}); a Kaggle download containing {KAGGLE_SUBDIR}; a folder of tar shards (written "
+    "by `python -m data.shards`, or WebDataset's: ROOT/<split>-*.tar, ROOT/<split>/*.tar or timm's "
+    "_info.json); or 'demo'"
 )
 
 

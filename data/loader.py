@@ -29,7 +29,7 @@ from .rng import WORKERS, key_seed
 from .sample import Sample, TooManyUnreadable
 from .samplers import EvalBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
-from .shards import ShardIndex
+from .shard_index import ShardIndex
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def build_train_loader(
     options: LoaderOptions | None = None,
 ) -> TrainLoader:
     """The training loader for a dataset folder (any layout ``data.layouts`` reads) or a folder of
-    tar shards written by ``python -m data.shards`` (streamed through ``options.shuffle_buffer``).
+    tar shards, ours or WebDataset's (see docs/data.md; streamed through ``options.shuffle_buffer``).
     ``data`` is the folder as ``resolve_data_root`` returns it (not resolved again), or its split's
     index made already (``data.index``; then ``options.split`` is not used).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .demo import build_demo
 from .layouts import EXPECTED_LAYOUTS, DataLayoutError, check_split, dataset_root, describe_dir
-from .shards import index_path, is_shard_dir, read_index
+from .shard_index import is_shard_dir, list_shards, shard_splits
 
 
 def resolve_data_root(data: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -19,9 +19,8 @@ def resolve_data_root(data: str | os.PathLike, *, cache_dir: str | os.PathLike |
         return build_demo(cache_dir)
     root = dataset_root(data)
     if is_shard_dir(root):
-        for split in ("train", "val"):
-            if index_path(root, split).is_file():
-                read_index(root, split)
+        for split in shard_splits(root) or ("train",):  # with no split there, the error says what is expected
+            list_shards(root, split)
         return root
     splits = [split for split in ("train", "val") if (root / split).is_dir()]
     if not splits:

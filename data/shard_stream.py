@@ -19,7 +19,7 @@ from .rng import SHARD_ORDER, SHARD_SAMPLE, SHARD_STREAM, key_generator
 from .sample import (MAX_REPLACEMENTS, EvalSampleTransform, Sample, TrainSampleTransform, too_many_unreadable,
                      unreadable_placeholder)
 from .samplers import check_rank
-from .shards import IMAGE_SUFFIXES, ShardIndex
+from .shard_index import IMAGE_SUFFIXES, ShardIndex, member_key
 
 
 class RawSample(NamedTuple):
@@ -39,14 +39,12 @@ def iter_shard(path: str, reports: list[tuple[str, str]], expected: int | None =
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, _, filename = member.name.rpartition("/")
-                stem, _, ext = filename.partition(".")
-                member_key = f"{folder}/{stem}" if folder else stem
-                if member_key != key:
+                sample_key, ext = member_key(member.name)
+                if sample_key != key:
                     if key is not None:
                         count += 1
                         yield RawSample(f"{path}:{key}", image, target)
-                    key, image, target = member_key, None, None
+                    key, image, target = sample_key, None, None
                 data = tar.extractfile(member).read()
                 if ext.lower() in IMAGE_SUFFIXES:
                     image = data

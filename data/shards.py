@@ -9,7 +9,8 @@ Format: WebDataset's convention, so other tools (``webdataset``, ``wids``) read 
 consecutive members sharing a key: ``<key>.jpg`` (the original file's bytes, never re-encoded) and
 ``<key>.cls`` (the class index as decimal text). Samples are assigned to shards in one seeded random
 order, so every shard mixes all classes and a small shuffle buffer suffices when streaming.
-``DIR/<split>-index.json`` lists the classes and every shard with its sample count.
+``DIR/<split>-index.json`` lists the classes and every shard with its sample count (read by
+data/shard_index.py, which also reads WebDataset folders without one).
 
 Written with the standard ``tarfile`` module: writing and streaming tar members needs nothing more,
 it keeps the dependency list short, and owning the reader is what lets it split, shuffle and skip
@@ -28,7 +29,6 @@ import logging
 import os
 import sys
 import tarfile
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -36,61 +36,17 @@ import numpy as np
 
 from .files import atomic_write, atomic_write_bytes
 from .layouts import DataLayoutError, SampleTable, load_split
+# The read side, importable from here too: data.shards.read_index, ShardIndex, is_shard_dir.
+from .shard_index import INDEX_FORMAT, ShardIndex, index_path, is_shard_dir, read_index, scan_shard
+
+__all__ = ["ShardIndex", "convert", "index_path", "is_shard_dir", "read_index", "sample_key", "shard_name",
+           "write_shard"]
 
 log = logging.getLogger(__name__)
-
-INDEX_FORMAT = 1
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png")
-
-
-def index_path(shard_dir: Path, split: str) -> Path:
-    return Path(shard_dir) / f"{split}-index.json"
 
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
-
-
-def is_shard_dir(path: Path) -> bool:
-    return any(index_path(path, split).is_file() for split in ("train", "val"))
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """What a loader needs to know about a split's shards, read from ``<split>-index.json``."""
-
-    shard_dir: Path
-    split: str
-    classes: tuple[str, ...]
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.counts)
-
-    def path(self, shard: int) -> str:
-        return str(self.shard_dir / self.shards[shard])
-
-
-def read_index(shard_dir: str | os.PathLike, split: str) -> ShardIndex:
-    """Read and check a split's index; a missing or unfinished shard is an error naming the fix."""
-    shard_dir = Path(shard_dir)
-    path = index_path(shard_dir, split)
-    if not path.is_file():
-        found = sorted(p.name for p in shard_dir.glob("*-index.json"))
-        raise DataLayoutError(
-            f"{shard_dir} has no {path.name} (found: {', '.join(found) or 'no index'}); write the "
-            f"{split} shards with `python -m data.shards ROOT --split {split} --out {shard_dir}`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != INDEX_FORMAT:
-        raise DataLayoutError(f"{path} has format {meta.get('format')}, this version reads {INDEX_FORMAT}")
-    missing = [s["name"] for s in meta["shards"] if not (shard_dir / s["name"]).is_file()]
-    if missing:
-        raise DataLayoutError(f"{shard_dir} lacks {len(missing)} shards listed in {path.name} "
-                              f"(e.g. {missing[0]}); copy them or rerun `python -m data.shards`")
-    return ShardIndex(shard_dir, split, tuple(meta["classes"]), tuple(s["name"] for s in meta["shards"]),
-                      tuple(int(s["samples"]) for s in meta["shards"]))
 
 
 def sample_key(relative_path: str) -> str:
@@ -128,15 +84,6 @@ def write_shard(table: SampleTable, indices: np.ndarray, out: Path, progress=Non
             if progress is not None:
                 progress.update(1)
     return len(indices)
-
-
-def count_samples(path: Path) -> int | None:
-    """Samples in a finished shard (image members), or None if it cannot be read to the end."""
-    try:
-        with tarfile.open(path, "r") as tar:
-            return sum(1 for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_SUFFIXES)
-    except (tarfile.TarError, OSError):
-        return None
 
 
 def plan_shards(table: SampleTable, samples_per_shard: int, seed: int) -> list[np.ndarray]:
@@ -189,7 +136,8 @@ def convert(root: str | os.PathLike, split: str, out: str | os.PathLike, *, samp
     todo: list[int] = []
     for number, indices in enumerate(plan):
         path = out / shard_name(split, number)
-        if path.exists() and count_samples(path) == len(indices):
+        scan = scan_shard(path)
+        if scan.problem is None and scan.samples == len(indices):
             counts[number] = len(indices)
         else:
             todo.append(number)

@@ -108,3 +108,25 @@ def write_undefined_huffman_table(dst: Path) -> Path:
     data[sos + 6] = 0x33  # the first component's DC/AC table selectors
     dst.write_bytes(bytes(data))
     return dst
+
+
+def folder_samples(split_dir: Path, label_of=None) -> list[dict]:
+    """The images of an ImageFolder split as WebDataset samples (``__key__``, ``jpg`` with the
+    file's bytes, ``cls``), in sorted order; ``label_of(wnid)`` is the label (default: the class's
+    position among the split's sorted class folders)."""
+    classes = sorted(p.name for p in split_dir.iterdir())
+    label_of = label_of or classes.index
+    return [{"__key__": f"{wnid}/{path.stem}", "jpg": path.read_bytes(), "cls": label_of(wnid)}
+            for wnid in classes for path in sorted((split_dir / wnid).iterdir())]
+
+
+def write_webdataset(samples: list[dict], pattern: str, maxcount: int) -> list[Path]:
+    """Shards written by the ``webdataset`` library itself: ``pattern`` like DIR/train-%06d.tar."""
+    import webdataset as wds
+
+    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    prefix = Path(pattern).name.split("%", 1)[0]
+    return sorted(Path(pattern).parent.glob(f"{prefix}*.tar"))

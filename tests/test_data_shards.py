@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -193,6 +194,8 @@ def test_shard_dir_errors_name_the_fix(shards, source, tmp_path):
     broken.mkdir()
     meta = json.loads((shards / "train-index.json").read_text())
     (broken / "train-index.json").write_text(json.dumps(meta))
+    for val_file in shards.glob("val-*"):  # a complete val split does not hide the train split's gaps
+        shutil.copyfile(val_file, broken / val_file.name)
     with pytest.raises(DataLayoutError, match="lacks 9 shards listed in train-index.json"):
         resolve_data_root(str(broken))
     only_train = tmp_path / "only_train"
