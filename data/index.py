@@ -24,7 +24,7 @@ import numpy as np
 
 from .files import atomic_write_bytes
 from .layouts import DEVKIT_LABELS, DEVKIT_META, DEVKIT_TARBALL, KAGGLE_LABELS, SampleTable, read_split
-from .shard_index import ShardIndex, is_shard_dir, read_index
+from .shard_index import ShardIndex, check_shards, is_shard_dir, read_index
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,13 @@ def read_source(root: str | os.PathLike, split: str, classes: tuple[str, ...] | 
     """The split's shard index if ROOT is a folder of shards, else its sample table (any layout);
     ``classes``: the class ids in label order (a model's), instead of the tree's own (folders only)."""
     root = Path(root)
-    return read_index(root, split) if is_shard_dir(root) else read_split(root, split, classes)
+    if not is_shard_dir(root):
+        return read_split(root, split, classes)
+    index = read_index(root, split)
+    # Every evaluation shard is read through (an unreadable one would drop its images unseen); a
+    # training shard is opened only, since reading 140 GB at every start would cost minutes.
+    check_shards(index, full=split != "train")
+    return index
 
 
 def tree_stamp(root: str | os.PathLike, split: str) -> list[list]:

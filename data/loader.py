@@ -24,9 +24,9 @@ from .datasets import EvalFolderDataset, TrainFolderDataset
 from .device_decode import (DecodeAhead, DeviceDecoder, EncodedTrainTransform, check_decode_on, collate_encoded,
                             resolve_device)
 from .index import Source, read_source
-from .layouts import SampleTable
+from .layouts import DataLayoutError, SampleTable
 from .rng import WORKERS, key_seed
-from .sample import Sample, TooManyUnreadable
+from .sample import Sample
 from .samplers import EvalBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
 from .shard_index import ShardIndex
@@ -219,12 +219,12 @@ class _Loader:
                 for path, reason in unreadable:
                     self.unreadable.report(path, reason)
                 yield images, targets, bad
-        except TooManyUnreadable as e:
+        except DataLayoutError as e:  # TooManyUnreadable, or a shard stream's slot that found nothing
             # From a worker it comes back as the text of the worker's traceback, whose last line
             # is the one-line message: say that line, not the worker's traceback.
             lines = str(e).strip().splitlines()
             if len(lines) > 1:
-                raise TooManyUnreadable(lines[-1].split(f"{TooManyUnreadable.__name__}: ", 1)[-1]) from None
+                raise type(e)(lines[-1].split(f"{type(e).__name__}: ", 1)[-1]) from None
             raise
         finally:  # an epoch left early stops its decode thread before the next one starts
             if isinstance(batches, DecodeAhead):

@@ -1,7 +1,8 @@
 """Which tar shards a split has, how many samples each holds and what the classes are, for the shard
 streams (data/shard_stream.py): from the index ``python -m data.shards`` writes, from a WebDataset
-folder's ``_info.json`` (timm's layout), or counted from the tars themselves (an unreadable one is an
-error naming it). What is read is described, for users, in docs/data.md ("Tar shards").
+folder's ``_info.json`` (timm's layout), or counted from the tars themselves; and the checks that name
+an unreadable shard when a loader is built. What is read and checked is described, for users, in
+docs/data.md ("Tar shards").
 
 It imports no torch (``python -m data.shards`` uses it), and a ``ShardIndex`` pickles as it is.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .classes import imagenet_wnids
+from .classes import imagenet_wnids, is_wnid
 from .layouts import DataLayoutError
 
 INDEX_FORMAT = 1
@@ -103,13 +104,16 @@ def _tar_names(folder: Path) -> list[str]:
 def _holds_shards(folder: Path) -> bool:
     """A split folder of tar shards: .tar files, and no class folders or images (which would make
     it a split of image files, perhaps with its original download lying beside them)."""
-    found = False
+    found = per_class = False
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.is_dir() or entry.name.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES:
                 return False
-            found = found or entry.name.endswith(".tar")
-    return found
+            if entry.name.endswith(".tar"):
+                found = True
+                per_class = per_class or is_wnid(entry.name[:-4])
+    # ImageNet's per-class archives (n01440764.tar ...), not yet extracted: the layout check says so
+    return found and not per_class
 
 
 def _split_folders(path: Path) -> list[Path]:
@@ -342,3 +346,19 @@ def read_index(shard_dir: str | os.PathLike, split: str) -> ShardIndex:
     classes = listing.classes if listing.classes is not None else _label_classes(shard_dir)
     return ShardIndex(shard_dir, split, classes, listing.shards, counts, listing.counts_from)
 
+
+def check_shards(index: ShardIndex, *, full: bool) -> None:
+    """Raise a one-line ``DataLayoutError`` naming every shard that cannot be read. ``full``: each
+    shard is read through and must hold the samples the index lists; otherwise (cheap) each must be
+    a non-empty tar whose first sample can be read."""
+    scans = _scan_all([index.path(i) for i in range(len(index.shards))], first_only=not full)
+    problems = []
+    for name, count, scan in zip(index.shards, index.counts, scans):
+        if scan.problem:
+            problems.append((name, scan.problem))
+        elif full and scan.samples != count:
+            problems.append((name, f"holds {scan.samples} samples where "
+                                   f"{index.counts_from or 'the index'} lists {count} (truncated or replaced?)"))
+    if problems:
+        ours = index.counts_from == index_path(index.shard_dir, index.split).name
+        raise _unreadable(index.shard_dir, index.split, len(index.shards), problems, ours)

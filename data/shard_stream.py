@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import tarfile
 from typing import Iterator, NamedTuple
 
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decode import UnreadableImage
+from .layouts import DataLayoutError
 from .rng import SHARD_ORDER, SHARD_SAMPLE, SHARD_STREAM, key_generator
 from .sample import (MAX_REPLACEMENTS, EvalSampleTransform, Sample, TrainSampleTransform, too_many_unreadable,
                      unreadable_placeholder)
@@ -101,12 +103,7 @@ class PassBuffers:
         for one_pass in self.passes:
             buffer = StreamBuffer(one_pass, self.size, self.generator)
             self.items = buffer.items
-            produced = 0
-            for sample in buffer:
-                produced += 1
-                yield sample
-            if produced == 0:
-                raise RuntimeError("a reader slot found no samples in its shards; are they all unreadable?")
+            yield from buffer
 
 
 def random_buffered(items, generator: torch.Generator) -> Iterator[RawSample]:
@@ -165,17 +162,29 @@ class ShardEpoch:
 
 def slot_samples(index: ShardIndex, shard_order: list[int], slot: int, slots: int,
                  reports: list[tuple[str, str]]) -> Iterator[RawSample]:
-    """One pass of a reader slot over its part of the shards."""
-    if len(shard_order) >= slots:
-        for shard in shard_order[slot::slots]:
-            yield from iter_shard(index.path(shard), reports, index.counts[shard])
-    else:
-        position = 0
-        for shard in shard_order:
-            for sample in iter_shard(index.path(shard), reports, index.counts[shard]):
-                if position % slots == slot:
-                    yield sample
-                position += 1
+    """One pass of a reader slot over its part of the shards: whole shards dealt round robin, or,
+    with fewer shards than slots, every ``slots``-th sample of all of them."""
+    dealt = len(shard_order) >= slots
+    shards = shard_order[slot::slots] if dealt else shard_order
+    stream = itertools.chain.from_iterable(iter_shard(index.path(s), reports, index.counts[s]) for s in shards)
+    if not dealt:
+        stream = itertools.islice(stream, slot, None, slots)
+    found = False
+    for sample in stream:
+        found = True
+        yield sample
+    if not found:
+        raise no_samples(index, [index.shards[s] for s in shards], slot, slots, reports)
+
+
+def no_samples(index: ShardIndex, names: list[str], slot: int, slots: int,
+               reports: list[tuple[str, str]]) -> DataLayoutError:
+    """A slot that found nothing to read (its shards were readable when the loader was built)."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    said = "; ".join(f"{os.path.basename(path)}: {reason}" for path, reason in reports[-2:])
+    return DataLayoutError(f"reader slot {slot} of {slots} (rank x worker) read no samples from its {index.split} "
+                           f"shards in {index.shard_dir}: {shown} ({said or 'no sample in them'}); were they "
+                           "changed or removed after the loader was built?")
 
 
 class ShardTrainStream(IterableDataset):

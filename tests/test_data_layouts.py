@@ -211,6 +211,12 @@ def test_unextracted_per_class_archives_get_the_command_that_extracts_them(tmp_p
                 tar.add(jpeg, arcname=jpeg.name)
         shutil.rmtree(tmp_path / "train" / wnid)
     message = refused_alike(tmp_path, "train", r"holds 3 unextracted per-class archives \(n\d{8}.tar, ")
+    # --data takes the same path: per-class archives are not taken for WebDataset shards
+    from data.index import read_source
+    from data.shard_index import is_shard_dir
+    assert not is_shard_dir(tmp_path)
+    with pytest.raises(DataLayoutError, match="unextracted per-class archives"):
+        read_source(tmp_path, "train")
     assert "for f in n*.tar; do" in message
     # the suggested loop, run as printed, gives a tree that reads
     subprocess.run(message.split("remove it: ", 1)[1], shell=True, check=True)

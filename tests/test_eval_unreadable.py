@@ -18,7 +18,8 @@ from torch import nn
 
 from _data_util import write_not_an_image, write_truncated
 
-from data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, build_eval_loader, build_train_loader
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EvalTransform, TrainTransform, build_eval_loader,
+                  build_train_loader)
 from data.shards import convert
 from densenet.training.distributed import DistInfo
 from densenet.training.evaluation import evaluate
@@ -33,12 +34,16 @@ def classifier(num_classes=4):
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, num_classes))
 
 
+def evaluate_on(loader):
+    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, CPU.device, channels_last=False)
+    return evaluate(classifier(), loader, info=CPU, normalize=normalize, amp_dtype=None)
+
+
 def run_eval(root, workers=0, record_to=None, **kw):
     loader = build_eval_loader(root, EvalTransform(32, 36), batch_size=2, workers=workers, **kw)
     if record_to is not None:
         loader.record_unreadable_to(record_to)
-    normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, CPU.device, channels_last=False)
-    return evaluate(classifier(), loader, info=CPU, normalize=normalize, amp_dtype=None)
+    return evaluate_on(loader)
 
 
 def with_broken_val_files(photos, dest, count=1):
@@ -88,13 +93,21 @@ def test_shards_leave_unreadable_and_lost_samples_out(photos, tmp_path, clean):
         assert (result.count, result.unreadable) == (4, 1)
         assert (result.top1, result.top5) == (clean.top1, clean.top5)
         assert result.loss == pytest.approx(clean.loss, rel=1e-6)
-    # a shard cut after its first sample: the one it lost is unreadable too, not a crash
+    # a shard cut after its first sample: refused when the loader is built, naming the shard
     victim = shards / "val-000000.tar"
+    whole = victim.read_bytes()
     with tarfile.open(victim) as tar:
         second = [m for m in tar.getmembers() if m.isfile()][2].offset
-    victim.write_bytes(victim.read_bytes()[:second])
+    victim.write_bytes(whole[:second])
+    with pytest.raises(DataLayoutError, match=r"1 of the 3 val shards .* val-000000.tar is truncated"):
+        run_eval(shards)
+    # cut after the loader was built: the sample it lost is unreadable too, not a crash
+    victim.write_bytes(whole)
+    loader = build_eval_loader(shards, EvalTransform(32, 36), batch_size=2, workers=0)
+    victim.write_bytes(whole[:second])
     unreadable_txt = tmp_path / "unreadable.txt"
-    result = run_eval(shards, record_to=unreadable_txt)
+    loader.record_unreadable_to(unreadable_txt)
+    result = evaluate_on(loader)
     assert (result.count, result.unreadable) == (3, 2)  # the broken file is in another shard
     assert any(path == str(victim) and "unreadable shard" in reason for path, reason in listed(unreadable_txt))
 
