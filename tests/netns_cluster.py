@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from slurm.cluster import pid_alive
+
 PREFIX = "dnh-"
 STATE_DIR = Path("/run/netns-cluster")
 NETNS_ETC = Path("/etc/netns")
@@ -72,16 +74,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stdout.strip()}")
     return proc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _netns_names() -> List[str]:
@@ -125,7 +117,7 @@ def clean_leftovers() -> List[str]:
         tag = ns[len(PREFIX):].split("-", 1)[0]
         owner = STATE_DIR / f"{tag}.pid"
         try:
-            if _alive(int(owner.read_text())):
+            if pid_alive(int(owner.read_text())):
                 continue  # another cluster, still in use
         except (OSError, ValueError):
             pass

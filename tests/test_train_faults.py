@@ -90,5 +90,6 @@ def test_a_bug_is_not_taken_for_a_lost_peer():
 
     assert lost_peer(RuntimeError("CUDA error: an illegal memory access")) is None
     assert lost_peer(ValueError("gloo Connection reset by peer")) is None
+    assert lost_peer(RuntimeError("Application timeout caused pair closure"))  # gloo, as DDP's broadcast says it
     said = lost_peer(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
     assert said and "Timed out" in said

@@ -183,9 +183,11 @@ def lost_peer(error: BaseException) -> Optional[str]:
     first = text.splitlines()[0] if text else type(error).__name__
     if isinstance(error, (dist.DistBackendError, dist.DistNetworkError)):
         return first[:300]
+    # gloo's transport errors; the same wait can end in any of them, with or without gloo's source
+    # path in front ("Application timeout caused pair closure" has none)
     gloo_io = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "Connection refused",
-               "Broken pipe", "No route to host")
-    if isinstance(error, RuntimeError) and "gloo" in text and any(s in text for s in gloo_io):
+               "Broken pipe", "No route to host", "caused pair closure")
+    if isinstance(error, RuntimeError) and any(s in text for s in gloo_io):
         return first[:300]
     return None
 

@@ -95,7 +95,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,13 +187,13 @@ class LocalSlurm:
                 time.sleep(0.25)
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self._pid(name)
-            if pid is None or not _pid_alive(pid):
+            if pid is None or not pid_alive(pid):
                 continue
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 self.log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s, killing it")
                 os.kill(pid, signal.SIGKILL)
         record = self.root / "munge_dir"
@@ -212,7 +212,7 @@ class LocalSlurm:
 
     def _alive(self, name: str) -> bool:
         pid = self._pid(name)
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and pid_alive(pid)
 
     def __enter__(self) -> "LocalSlurm":
         return self.start()
