@@ -21,6 +21,15 @@ def peak_memory_bytes(device: Any) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a one-machine process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_child(kind: str, payload: Dict[str, Any], env: Optional[Dict[str, str]] = None,
               timeout: Optional[float] = None) -> Dict[str, Any]:
     """Run one measurement in a fresh interpreter, so its memory peak and warm caches are its own.

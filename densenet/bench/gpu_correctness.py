@@ -232,12 +232,12 @@ def _fused_resume(job: CheckJob, device: Any) -> Dict[str, Any]:
 
 def _sync_bn(job: CheckJob, device: Any) -> Dict[str, Any]:
     import os
-    import socket
 
     import torch
     import torch.distributed as dist
 
     from .. import create_model
+    from .common import free_port
     from ..training.config import ConfigError, parse_config
 
     out: Dict[str, Any] = {}
@@ -256,10 +256,7 @@ def _sync_bn(job: CheckJob, device: Any) -> Dict[str, Any]:
     ok = out["config_refuses_memory_efficient"] and out["model_refuses_memory_efficient"]
     if device.type != "cuda":
         return {"ok": ok, **out, "note": "SyncBatchNorm's forward needs CUDA: the one-rank training step left out"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
     try:
         model = create_model("densenet121", num_classes=10)

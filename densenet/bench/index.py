@@ -28,7 +28,6 @@ import csv
 import errno
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .common import print_table, write_json
+from .common import free_port, print_table, write_json
 
 IMAGE_SIZE = 64
 
@@ -92,17 +91,11 @@ def make_tree(root: Path, per_class: int, classes: int, val_images: int, samples
 
 # --- 1. time to the first training batch -----------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(payload: Dict[str, Any], processes: int, timeout: float) -> List[Dict[str, Any]]:
     """One child per rank, started together as torchrun would start them; their results by rank."""
     import json
 
-    port = _free_port()
+    port = free_port()
     children = []
     for rank in range(processes):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank),

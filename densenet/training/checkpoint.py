@@ -33,6 +33,7 @@ from data.files import atomic_write_bytes
 from ..weights import WeightsError, load_torch_file, serialize
 from .config import Config, config_to_dict
 from .distributed import DistInfo, barrier, checked_on_every_rank, decided_by_main, gather_objects
+from .settings import seed_all
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -269,8 +270,6 @@ class Checkpointer:
         if progress is saved:
             restore_rng_state(resumed.state["rng"][info.rank], info.device)
         else:
-            from .settings import seed_all
-
             seed_all(rank_seed + saved.global_step)
         best = (f"best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch})" if progress.best_epoch > 0
                 else "no evaluation yet")
