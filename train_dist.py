@@ -26,7 +26,7 @@ import traceback
 
 from densenet.training.config import Config, ConfigError, parse_config
 from densenet.training.signals import (EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK,
-                                      EXIT_PEER_LOST, StopRequest)
+                                      EXIT_PEER_LOST, StopRequest, record_exit_status)
 
 
 def print_once(message: str) -> None:
@@ -42,6 +42,7 @@ if __name__ == "__main__":
         parse_config(sys.argv[1:])
     except ConfigError as e:
         print_once(f"error: {e}")
+        record_exit_status(EXIT_CONFIG_ERROR)
         sys.exit(EXIT_CONFIG_ERROR)
 
 from dataclasses import dataclass  # noqa: E402  (everything below may import torch)
@@ -415,6 +416,7 @@ if __name__ == "__main__":
     except Exception:  # a bug, not a bad input: show where, then end like every other run
         traceback.print_exc()
         code = 1
+    record_exit_status(code)  # for launch/node_agent.sh, which sees only torchrun's status
     # Leave without the interpreter's teardown (see exit_without_teardown): in it, torch's C++
     # runtime now and then aborts after a completed run, and after an error it would wait forever
     # for loader workers that ignore SIGTERM; collecting garbage first shuts them down instead.

@@ -130,6 +130,33 @@ wait_until_exit() {
     done
 }
 
+# The exit status this node's training ended with. torchrun ends with 1 whenever a worker failed,
+# whatever its status, so each worker also leaves its status in folder $1
+# (DENSENET_EXIT_STATUS_DIR, see densenet/training/signals.py); $2 is torchrun's own status.
+# A status other than 3 (interrupted, checkpoint saved) or 5 (another process lost) is a real
+# failure and wins; otherwise the highest one does. A worker killed by a signal leaves none.
+trainer_status() {
+    local dir=$1 torchrun_status=$2 f code worst=0 failure=
+    ((torchrun_status == 0)) && { echo 0; return; }
+    for f in "$dir"/rank.*; do
+        [[ -e "$f" && "$f" != *.tmp ]] || continue
+        code=$(<"$f")
+        [[ "$code" =~ ^[0-9]+$ ]] || continue
+        case $code in
+            0) ;;
+            3 | 5) ((code > worst)) && worst=$code ;;
+            *) [[ -z "$failure" ]] && failure=$code ;;
+        esac
+    done
+    if [[ -n "$failure" ]]; then
+        echo "$failure"
+    elif ((worst > 0)); then
+        echo "$worst"
+    else
+        echo "$torchrun_status"
+    fi
+}
+
 # srun for a short helper step (signalling) while the training step holds the job's GPUs. A
 # step asks for all the job's GPUs by default, and before 22.05 --overlap shares only CPUs, so
 # it would wait for the training to end. --gres=none asks for none, but only when it is the
@@ -166,7 +193,8 @@ on_slurm_term() {
     launch_log "SIGTERM: SLURM is ending the job (cancel, time limit or preemption); waiting for the training to stop"
 }
 
-# After the training step has ended: done, or requeue because SLURM warned us, or a failure.
+# After the training step has ended: done, or requeue because SLURM warned us or a peer was lost
+# (status 5), or a failure; a job SLURM itself is ending (SIGTERM) is never requeued here.
 # $1 = exit status of the training, $2 = 1 when the warning signal arrived.
 finish_or_requeue() {
     local status=$1 warned=$2
@@ -186,6 +214,22 @@ finish_or_requeue() {
         # A preempted job that may be requeued is requeued by SLURM itself; a cancelled one stays so.
         launch_log "training stopped by SLURM's SIGTERM (status $status); not requeueing"
         exit "$status"
+    fi
+    if ((status == 5)); then
+        # A host died, lost its network or froze (densenet/training/signals.py): the survivors saved
+        # nothing new, and the last checkpoint is where the requeued job resumes. SLURM drains a
+        # node that died; a job that keeps losing peers stops after MAX_LOST_PEER_RESTARTS.
+        local restarts=${SLURM_RESTART_COUNT:-0} limit=${MAX_LOST_PEER_RESTARTS:-10}
+        if ((restarts >= limit)); then
+            launch_log "error: another process of the run was lost again (status 5) after $restarts restarts (MAX_LOST_PEER_RESTARTS=$limit); not requeueing: check the nodes, then submit the same command to resume" >&2
+            exit 5
+        fi
+        launch_log "another process of the run was lost (status 5: a node died, was cut off or froze); requeueing job $SLURM_JOB_ID to resume from its last checkpoint (restart $((restarts + 1)) of at most $limit)"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        launch_log "error: scontrol requeue failed; submit the same command again to resume from the checkpoint" >&2
+        exit 5
     fi
     launch_log "error: training failed with status $status; not requeueing (see the trainer's messages above)" >&2
     exit "$status"

@@ -13,6 +13,10 @@
 # scripts therefore start torchrun through this wrapper and signal the wrapper; the wrapper
 # signals the workers, which checkpoint and exit with status 3.
 #
+# torchrun ends with status 1 whenever a worker failed; the wrapper ends with the workers' own
+# status instead (trainer_status in lib.sh), so that the batch scripts can tell a lost peer (5,
+# requeue) from a bad input (2, do not).
+#
 # With AGENT_PIDDIR set, the wrapper writes its pid to AGENT_PIDDIR/agent.<SLURM_PROCID>.pid so
 # that a signalling step on the same node can find it (the multi-node script does this).
 set -euo pipefail
@@ -61,6 +65,10 @@ on_usr1() {
     fi
 }
 
+# Node-local, one per agent: where each worker leaves its exit status.
+status_dir=$(mktemp -d "${TMPDIR:-/tmp}/densenet-status.XXXXXX")
+export DENSENET_EXIT_STATUS_DIR=$status_dir
+
 # torchrun and, until the trainer installs its handler, the workers ignore SIGUSR1: a signal
 # sent to the whole job step must not kill them before they can checkpoint.
 (
@@ -81,6 +89,7 @@ if [[ -n "${AGENT_PIDDIR:-}" ]]; then
 fi
 on_exit() {
     if [[ -n "$watcher_pid" ]]; then kill "$watcher_pid" 2>/dev/null || true; fi
+    rm -rf "$status_dir"
     if [[ -n "$pidfile" ]]; then
         rm -f "$pidfile"
         rmdir "$AGENT_PIDDIR" 2>/dev/null || true  # the last agent on the node removes it
@@ -89,4 +98,8 @@ on_exit() {
 trap on_exit EXIT
 
 wait_until_exit "$torchrun_pid"
-exit "$EXIT_STATUS"
+status=$(trainer_status "$status_dir" "$EXIT_STATUS")
+if ((status != EXIT_STATUS)); then
+    launch_log "torchrun ended with status $EXIT_STATUS; the training processes with status $status"
+fi
+exit "$status"

@@ -224,3 +224,65 @@ esac
         f"the signalling step inherits a GPU request through its environment:\n{log}"
     # The training step itself keeps the job's GPUs.
     assert any(line.startswith("TRAIN ") and "--gres" not in line for line in log.splitlines()), log
+
+
+# --- which status the batch scripts act on ------------------------------------------------
+
+@pytest.mark.parametrize("torchrun_status, recorded, expected", [
+    (0, {}, 0),
+    (1, {}, 1),  # every worker was killed by a signal: torchrun's status stands
+    (1, {0: 5, 1: 5}, 5),  # both processes of this node lost their peer
+    (1, {0: 5}, 5),  # the other one was killed (a frozen rank torchrun stopped)
+    (1, {0: 3, 1: 5}, 5),
+    (1, {0: 3, 1: 3}, 3),
+    (1, {0: 5, 1: 2}, 2),  # a bad input is a failure, not a reason to requeue
+    (1, {0: 4, 1: 5}, 4),
+    (1, {0: 0, 1: 1}, 1),
+])
+def test_node_agent_reports_the_workers_status(fake_bin, tmp_path, torchrun_status, recorded, expected):
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    for rank, code in recorded.items():
+        (status_dir / f"rank.{rank}").write_text(f"{code}\n")
+    (status_dir / "rank.9.tmp").write_text("7\n")  # half written: ignored
+    out = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1/lib.sh"; trainer_status "$2" "$3"', "_",
+                          str(LAUNCH), str(status_dir), str(torchrun_status)],
+                         env=script_env(fake_bin), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
+
+
+@pytest.mark.parametrize("status, restarts, terminated, requeued, exit_status", [
+    (5, 0, 0, True, 0),
+    (5, 9, 0, True, 0),
+    (5, 10, 0, False, 5),  # MAX_LOST_PEER_RESTARTS (10) reached: the nodes need a look
+    (5, 0, 1, False, 5),  # SLURM is ending the job: never requeued by the script
+    (2, 0, 0, False, 2),
+    (1, 0, 0, False, 1),
+])
+def test_lost_peer_requeues_a_bounded_number_of_times(fake_bin, tmp_path, status, restarts, terminated, requeued,
+                                                     exit_status):
+    record = tmp_path / "scontrol.log"
+    fake_exe(fake_bin, "scontrol", f'echo "$*" >>{record}\n')
+    out = subprocess.run(["bash", "-c", 'source "$1/lib.sh"; TERMINATED=$3; finish_or_requeue "$2" 0', "_",
+                          str(LAUNCH), str(status), str(terminated)],
+                         env=script_env(fake_bin, SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restarts)),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == exit_status, out.stdout + out.stderr
+    said = record.read_text() if record.exists() else ""
+    assert (said.strip() == "requeue 77") is requeued, said
+    if status == 5 and not terminated:
+        assert ("requeueing job 77" in out.stdout) is requeued, out.stdout
+        assert ("MAX_LOST_PEER_RESTARTS=10" in out.stderr) is (not requeued), out.stderr
+
+
+def test_trainer_leaves_its_exit_status_for_the_node_agent(tmp_path):
+    """A refused command line (status 2, before torch is imported) is recorded like any other end."""
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    out = subprocess.run([os.sys.executable, str(REPO / "train_dist.py"), "--data", "demo", "--arch", "densenet_nope"],
+                         env=training_env(DENSENET_EXIT_STATUS_DIR=str(status_dir), RANK="3"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert (status_dir / "rank.3").read_text() == "2\n"
+    assert sorted(p.name for p in status_dir.iterdir()) == ["rank.3"]

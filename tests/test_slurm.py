@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm.cluster import LocalSlurm, why_unavailable
+from slurm.cluster import LocalSlurm, pid_alive, why_unavailable
 from slurm.trainrun import REPO, TINY_TRAINING, events, last_train_step, read_metrics, resumes, tail, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -216,3 +217,77 @@ def test_cancelled_job_checkpoints_and_stays_cancelled(slurm, workdir, capsys):
     with capsys.disabled():
         print(f"\nscancel, job {job_id}: checkpoint at step {interrupted[0]['step']} on signal "
               f"{interrupted[0]['signal']}, state {job['JobState']}, restarts {job['Restarts']}")
+
+
+def _training_worker(rank: int, job_id: int) -> int | None:
+    """The pid of the training process of global rank ``rank`` in job ``job_id``, from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if (any(a.endswith(b"train_dist.py") for a in cmdline) and b"DENSENET_EXIT_STATUS_DIR" in environ
+                and environ.get(b"RANK") == str(rank).encode() and environ.get(b"SLURM_JOB_ID") == str(job_id).encode()):
+            return int(entry.name)
+    return None
+
+
+def test_multi_node_script_requeues_when_a_rank_freezes(slurm, workdir, capsys):
+    """A frozen rank (SIGSTOP: a node that hangs, the way a cut-off one does) must not hold the job
+    until its time limit: the other rank gives up after --dist-timeout and exits 5, its node agent
+    ends with that status rather than torchrun's 1, and the batch script requeues the job, which
+    resumes from the last checkpoint and completes."""
+    run_dir = workdir / "run"
+    timeout_s = 5
+    args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
+            "--dist-timeout", str(timeout_s), "--output-dir", str(run_dir)]
+    job_id = submit(slurm, workdir, "slurm_multi_node.sh",
+                    ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], args)
+    log_path = workdir / f"job-{job_id}.out"
+
+    def explain() -> str:
+        return f"job: {job_info(slurm, job_id)}\n{tail(log_path)}\n{tail(slurm.root / 'slurmctld.log', 15)}"
+
+    freeze_after = CKPT_EVERY + 10  # a checkpoint exists to resume from
+    wait_until(lambda: last_train_step(read_metrics(run_dir)) >= freeze_after, 180,
+               f"training to pass step {freeze_after}", explain)
+    victim = _training_worker(1, job_id)
+    assert victim, f"no training process of rank 1 found for job {job_id}\n{explain()}"
+    os.kill(victim, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    frozen_step = last_train_step(read_metrics(run_dir))
+
+    def requeued():
+        info = job_info(slurm, job_id)
+        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
+
+    wait_until(requeued, 120, "the job to requeue itself after the frozen rank", explain)
+    requeued_after = time.monotonic() - frozen_at
+    wait_until(lambda: slurm.node_state() == "idle", 60, "the node to be idle again", explain)
+    assert not pid_alive(victim), f"the frozen training process {victim} outlived its job"
+    time.sleep(2)  # see preempt_and_finish
+    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+
+    def ended():
+        info = job_info(slurm, job_id)
+        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    job = wait_until(ended, 240, "the requeued job to finish", explain)
+    log, metrics = log_path.read_text(errors="replace"), read_metrics(run_dir)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", explain()
+    assert "lost contact with the other processes of the run" in log, explain()
+    assert "torchrun ended with status 1; the training processes with status 5" in log, explain()
+    assert "another process of the run was lost (status 5" in log and "requeueing job" in log, explain()
+    # The requeued job resumed from the newest checkpoint before the freeze and trained to the end.
+    resumed, _ = resumes(metrics, MAX_STEPS)
+    assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
+    resumed_from = resumed[0]["from_step"]
+    assert resumed_from % CKPT_EVERY == 0 and CKPT_EVERY <= resumed_from <= frozen_step, (resumed_from, frozen_step)
+    assert last_train_step(metrics) == MAX_STEPS, explain()
+    assert requeued_after < timeout_s + 30, f"requeued {requeued_after:.1f} s after the freeze"
+    with capsys.disabled():
+        print(f"\nfrozen rank, job {job_id}: frozen at step {frozen_step}, job requeued {requeued_after:.1f} s later "
+              f"(--dist-timeout {timeout_s}), resumed from step {resumed_from}, completed at {MAX_STEPS}")

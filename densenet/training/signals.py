@@ -29,6 +29,11 @@ EXIT_INTERRUPTED = 3  # a checkpoint was saved: run the same command again to re
 EXIT_NONFINITE = 4  # the loss became NaN/inf; the last good checkpoint was left as it was
 EXIT_PEER_LOST = 5  # another process of the run died, was cut off or froze; rerun to resume from the last checkpoint
 
+# A launcher cannot see the trainer's exit status through torchrun, which ends with 1 whenever a
+# worker failed: launch/node_agent.sh names a node-local folder here and reads each worker's
+# status from it, so that a lost peer (5) becomes "requeue" while a bad input (2) stays a failure.
+STATUS_DIR_ENV = "DENSENET_EXIT_STATUS_DIR"
+
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DUPLICATE_WINDOW_S = 2.0
 
@@ -41,6 +46,21 @@ def launch_rank() -> int:
         if value.isdigit():
             return int(value)
     return 0
+
+
+def record_exit_status(code: int) -> None:
+    """Leave this process's exit status in $DENSENET_EXIT_STATUS_DIR/rank.<RANK> for the node agent
+    (nothing when the variable is unset). Written whole or not at all: a rename is atomic."""
+    folder = os.environ.get(STATUS_DIR_ENV, "").strip()
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank.{launch_rank()}")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # the status is advice for the launcher; losing it must not change the exit
+        os.write(2, f"warning: could not record exit status {code} in {path}: {e}\n".encode())
 
 
 class StopRequest:
