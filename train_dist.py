@@ -130,7 +130,7 @@ def train(cfg: Config, info: DistInfo, run: RunSettings, stop: StopRequest) -> i
     # or start from --weights (or from scratch)
     trainer = build_trainer(cfg, info, run, num_classes=plan.num_classes, steps_per_epoch=plan.steps_per_epoch,
                             peak_lr=plan.peak_lr, reporter=reporter)
-    checkpoints.start_writing(classes=train_loader.classes, wandb_run_id=reporter.wandb.id, report=reporter.print)
+    checkpoints.start_writing(cfg, classes=train_loader.classes, wandb_run_id=reporter.wandb.id, report=reporter.print)
     if resumed is not None:
         checkpoints.restore(trainer, resumed, run.rank_seed)
         say_resumed(resumed, plan, cfg, reporter)

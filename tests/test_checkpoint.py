@@ -21,7 +21,7 @@ class CheckpointSaver:
     def __init__(self, run_dir, keep_epochs):
         cfg = config_from_dict({"data": "demo", "keep_epochs": keep_epochs})
         self.checkpointer = Checkpointer(run_dir, cfg, DistInfo(0, 1, 0, torch.device("cpu"), None, "single"))
-        self.checkpointer.start_writing(classes=[], wandb_run_id=None, report=print)
+        self.checkpointer.start_writing(cfg, classes=[], wandb_run_id=None, report=print)
 
     def save(self, state, *, epoch_end, is_best):
         return self.checkpointer.write_files(state, epoch_end=epoch_end, is_best=is_best)

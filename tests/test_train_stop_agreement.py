@@ -51,7 +51,7 @@ def checkpointer(t, run_dir):
     """The real checkpointer of trainer ``t``, writing to run_dir; the steps it saved at, in order."""
     saved = []
     c = Checkpointer(run_dir, t.cfg, CPU)
-    c.start_writing(classes=[str(i) for i in range(10)], wandb_run_id=None,
+    c.start_writing(t.cfg, classes=[str(i) for i in range(10)], wandb_run_id=None,
                     report=lambda line: saved.append(int(line.rsplit("step ", 1)[1].rstrip(")"))))
     return c, saved
 

@@ -3,10 +3,14 @@ meeting in a c10d rendezvous on the first host as launch/slurm_multi_node.sh arr
 between the hosts; it ends bitwise equal to the same world size on one host (--standalone)."""
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -124,3 +128,75 @@ def test_a_host_that_dies_or_is_cut_off_never_hangs_the_other(make_netns_cluster
     proc = run(args[:-1] + [str(reference)], nproc=2)
     assert proc.returncode == 0, proc.stdout
     assert_same_training_state(out / "last.pt", reference / "last.pt")
+
+
+def _trainer_of_rank(rank: int, out: Path) -> Optional[int]:
+    """The pid of the training process of global rank ``rank`` writing to ``out`` (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if TRAIN.encode() in argv and str(out).encode() in argv and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_rank0_killed_while_saving_keeps_the_last_checkpoint_and_one_host_resumes(make_netns_cluster, tmp_path):
+    """SIGKILL to rank 0 while it writes a checkpoint: the checkpoint before it stays what the run
+    resumes from, and a restart on one host (one process, so half the global batch) resumes at the
+    same number of images into the epoch, keeping the checkpoint's peak lr as the resume rules say.
+
+    A DenseNet-121 checkpoint takes tens of milliseconds to write, long enough to catch: rank 0 is
+    stopped (SIGSTOP) the moment its temporary file appears; if the file is still there the save
+    was cut short and SIGKILL follows, else the save had finished and rank 0 goes on to the next."""
+    cluster = make_netns_cluster()
+    data = demo_root(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--arch", "densenet121", "--image-size", "32", "--workers", "0", "--wandb", "disabled",
+            "--log-every", "100", "--deterministic", "--batch-size", "25", "--epochs", "1", "--ckpt-every", "2",
+            "--dist-timeout", "5", "--data", str(data), "--output-dir", str(out)]
+    agents = start_agents(cluster, tmp_path, args, "saving")
+    logs = lambda: "\n".join((tmp_path / f"saving-{h}.log").read_text() for h in cluster.hosts)  # noqa: E731
+    deadline = time.monotonic() + 180
+    rank0, killed_step = None, None
+    while killed_step is None:
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents.values()), logs()
+        rank0 = rank0 or _trainer_of_rank(0, out)
+        temps = list(out.glob(".last.pt.tmp-*"))
+        if not (rank0 and temps and (out / "last.pt").exists()):
+            time.sleep(0.001)
+            continue
+        os.kill(rank0, signal.SIGSTOP)
+        if any(t.exists() for t in temps):  # caught mid-save
+            before = load(out / "last.pt")["progress"]
+            os.kill(rank0, signal.SIGKILL)
+            killed_at, killed_step = time.monotonic(), before["global_step"]
+        else:
+            os.kill(rank0, signal.SIGCONT)
+    statuses = {h: a.wait(timeout=60) for h, a in agents.items()}
+    took = time.monotonic() - killed_at
+    print(f"\nrank 0 killed while saving the checkpoint after step {killed_step}: both agents ended "
+          f"{took:.1f} s later with {statuses}")
+    assert all(s != 0 for s in statuses.values()), statuses
+    assert "lost contact with the other processes of the run" in logs(), logs()
+    assert list(out.glob(".last.pt.tmp-*")), "the interrupted save left no partial file: it was not interrupted"
+    kept = load(out / "last.pt")
+    saved = kept["progress"]
+    assert saved["global_step"] == killed_step and saved["world_size"] == 2 and saved["batch_in_epoch"] > 0
+
+    # One host, one process: the global batch halves from 50 to 25.
+    proc = run(args, nproc=1)
+    assert proc.returncode == 0, proc.stdout
+    images_done = saved["batch_in_epoch"] * saved["world_size"] * saved["batch_size"]
+    assert (f"resumed from {out / 'last.pt'}: epoch 1, batch {images_done // 25}, step {killed_step}"
+            in proc.stdout), proc.stdout
+    assert "the global batch is now 25 (the checkpoint's was 50); keeping its peak lr" in proc.stdout, proc.stdout
+    assert not list(out.glob(".*.pt.tmp-*")), "the partial file outlived the restart"
+    final = load(out / "last.pt")
+    assert final["config"]["lr"] == pytest.approx(0.1 * 50 / 256), final["config"]["lr"]
+    # Every image of the epoch was trained on once: the first part by two processes, the rest by one.
+    assert final["progress"]["global_step"] == killed_step + (500 - images_done) // 25

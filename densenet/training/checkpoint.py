@@ -244,10 +244,13 @@ class Checkpointer:
 
     # --- during the run -----------------------------------------------------------------------------
 
-    def start_writing(self, *, classes: List[str], wandb_run_id: Optional[str],
+    def start_writing(self, cfg: Config, *, classes: List[str], wandb_run_id: Optional[str],
                       report: Callable[[str], None]) -> None:
-        """From here on, checkpoints can be written: with the run's classes and W&B run id, and a
-        line through ``report`` for every save. Temp files of a save killed half-way are removed."""
+        """From here on, checkpoints can be written: with the run's config as planned (it may differ
+        from the one the resume was chosen with: a kept peak lr, which the next resume must find
+        again), its classes and W&B run id, and a line through ``report`` for every save. Temp files
+        of a save killed half-way are removed."""
+        self.cfg = cfg
         self._record = {"classes": list(classes), "wandb_run_id": wandb_run_id}
         self._report = report
         if self.info.is_main:
