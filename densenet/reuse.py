@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from .weights import WeightsError, WeightsFile, read_weights

@@ -169,11 +169,12 @@ helper_srun() {
         srun --overlap --gres=none "$@"
 }
 
-# Sends SIGUSR1 to every node agent of this job on this node (their pids are in directory $1);
+# Sends SIGUSR1 to every node agent of this job on this node (their pids are in directory $1,
+# named after their host, so that a directory that is not node-local after all still works);
 # each passes it on to its training processes.
 signal_local_agents() {
     local dir=$1 f pid found=0
-    for f in "$dir"/agent.*.pid; do
+    for f in "$dir"/agent."$(hostname -s)".*.pid; do
         [[ -e "$f" ]] || continue
         pid=$(<"$f")
         if kill -USR1 "$pid" 2>/dev/null; then

@@ -17,7 +17,7 @@
 # status instead (trainer_status in lib.sh), so that the batch scripts can tell a lost peer (5,
 # requeue) from a bad input (2, do not).
 #
-# With AGENT_PIDDIR set, the wrapper writes its pid to AGENT_PIDDIR/agent.<SLURM_PROCID>.pid so
+# With AGENT_PIDDIR set, the wrapper writes its pid to AGENT_PIDDIR/agent.<host>.<SLURM_PROCID>.pid so
 # that a signalling step on the same node can find it (the multi-node script does this).
 set -euo pipefail
 
@@ -84,7 +84,7 @@ trap 'launch_log "SIGTERM: waiting for torchrun to stop"' TERM
 pidfile=
 if [[ -n "${AGENT_PIDDIR:-}" ]]; then
     mkdir -p "$AGENT_PIDDIR"
-    pidfile=$AGENT_PIDDIR/agent.${SLURM_PROCID:-0}.pid
+    pidfile=$AGENT_PIDDIR/agent.$(hostname -s).${SLURM_PROCID:-0}.pid
     echo $$ >"$pidfile"
 fi
 on_exit() {

@@ -7,9 +7,13 @@ the same addresses). Each host has
 * its own address (``address(host)``) on the bridge and its own loopback,
 * its own hostname as seen by the processes started on it (``socket.gethostname()``): each
   process runs in a UTS namespace of its own with the host's name set,
-* an /etc/hosts that names every host of the cluster (``ip netns exec`` bind-mounts
-  /etc/netns/<namespace>/hosts over /etc/hosts), so a host's name resolves to its own bridge
-  address on every host, as on a real cluster, and never to a loopback address.
+* an /etc/hosts that names every host of the cluster (/etc/netns/<namespace>/hosts bind-mounted
+  over /etc/hosts in a mount namespace of the process's own), so a host's name resolves to its
+  own bridge address on every host, as on a real cluster, and never to a loopback address.
+
+Everything else of the machine stays as it is, /sys included: ``ip netns exec`` would remount /sys
+for the namespace and so hide the machine's cgroup mounts, without which slurmd does not start
+(tests/slurm/cluster.py runs one slurmd per host).
 
     with NetnsCluster(["node1", "node2"]) as cluster:
         p = cluster.run("node2", ["python", "-c", "import socket; print(socket.gethostname())"],
@@ -44,14 +48,27 @@ NETNS_ETC = Path("/etc/netns")
 # Private ranges unlikely to be in use; the first one the machine has no address or route in is used.
 SUBNETS = ("10.213.0.0/24", "10.213.77.0/24", "172.30.213.0/24", "192.168.213.0/24")
 
-# Runs first in every process started on a host: a UTS namespace of its own, the host's name in
-# it, then exec of the command (so the pid that run() returns is the command's).
+# Runs first in every process started on a host: into the host's network namespace, a mount and a
+# UTS namespace of its own with the host's /etc/hosts, /etc/resolv.conf and name, then exec of
+# the command (so the pid that run() returns is the command's).
 _ENTER = (
     "import ctypes, os, socket, sys\n"
-    "if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:\n"  # CLONE_NEWUTS
-    "    sys.exit('unshare(CLONE_NEWUTS): ' + os.strerror(ctypes.get_errno()))\n"
-    "socket.sethostname(sys.argv[1])\n"
-    "os.execvpe(sys.argv[2], sys.argv[2:], os.environ)\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "def check(rc, what):\n"
+    "    if rc != 0:\n"
+    "        sys.exit(what + ': ' + os.strerror(ctypes.get_errno()))\n"
+    "host, ns = sys.argv[1], sys.argv[2]\n"
+    "fd = os.open('/run/netns/' + ns, os.O_RDONLY)\n"
+    "check(libc.setns(fd, 0x40000000), 'setns(CLONE_NEWNET)')\n"
+    "os.close(fd)\n"
+    "check(libc.unshare(0x00020000 | 0x04000000), 'unshare(CLONE_NEWNS | CLONE_NEWUTS)')\n"
+    # MS_REC | MS_PRIVATE: the bind mounts below stay in this process and its children
+    "check(libc.mount(b'none', b'/', None, 0x4000 | 0x40000, None), 'mount --make-rprivate /')\n"
+    "for name in ('hosts', 'resolv.conf'):\n"
+    "    check(libc.mount(f'/etc/netns/{ns}/{name}'.encode(), f'/etc/{name}'.encode(), None, 0x1000, None),\n"
+    "          'mount --bind /etc/' + name)\n"
+    "socket.sethostname(host)\n"
+    "os.execvpe(sys.argv[3], sys.argv[3:], os.environ)\n"
 )
 
 
@@ -250,7 +267,7 @@ class NetnsCluster:
         return self._address[host]
 
     def netns(self, host: str) -> str:
-        """The network namespace's name (for `ip netns exec` / `ip -n`)."""
+        """The network namespace's name (for `ip -n`)."""
         return self._netns[host]
 
     def interface(self, host: str) -> str:
@@ -265,7 +282,7 @@ class NetnsCluster:
         if self._closed:
             raise RuntimeError("the cluster is closed")
         popen_kwargs.setdefault("start_new_session", True)
-        cmd = ["ip", "netns", "exec", self._netns[host], sys.executable, "-c", _ENTER, host, *argv]
+        cmd = [sys.executable, "-c", _ENTER, host, self._netns[host], *argv]
         proc = subprocess.Popen(cmd, env=dict(env) if env is not None else None, **popen_kwargs)
         self._processes[host].append(proc)
         return proc

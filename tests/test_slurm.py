@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from netns_cluster import NetnsCluster
+from netns_cluster import why_unavailable as netns_unavailable
 from slurm.cluster import LocalSlurm, pid_alive, why_unavailable
 from slurm.trainrun import REPO, TINY_TRAINING, events, last_train_step, read_metrics, resumes, tail, wait_until
 
@@ -50,6 +52,29 @@ def slurm(request):
         yield cluster
     finally:
         cluster.stop()
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"\nSLURM configuration and daemon logs kept in {root}")
+
+
+@pytest.fixture(scope="module")
+def slurm_two_hosts(request):
+    """Two simulated hosts (network namespaces, tests/netns_cluster.py), a slurmd on each."""
+    reason = why_unavailable() or netns_unavailable()
+    if reason:
+        if _in_ci():
+            pytest.fail(f"CI must run the two-host SLURM tests, but: {reason}")
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="densenet-slurm2-"))
+    failed_before = request.session.testsfailed
+    with NetnsCluster(["node1", "node2"]) as hosts:
+        cluster = LocalSlurm(root, hosts=hosts)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
     if request.session.testsfailed == failed_before:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -179,7 +204,7 @@ def test_multi_node_script_rendezvous_and_preemption(slurm, workdir, capsys):
     # One process per agent, two agents: the world of 2 exists only if the rendezvous worked.
     assert log.count("1 training processes") == 4, "each agent (two starts x two agents) plans 1 process"
     assert "on 2 x cpu (torchrun, gloo)" in log
-    assert len(re.findall(r"SIGUSR1 sent to node agent \d+ \(agent\.[01]\.pid\)", log)) == 2, log
+    assert len(re.findall(r"SIGUSR1 sent to node agent \d+ \(agent\.\S+\.[01]\.pid\)", log)) == 2, log
     assert log.count("SIGUSR1: passing it on to the training processes") == 2
     assert "signalling step failed" not in log, log  # the warning went through its own srun step
     assert log.count("stopping torchrun before it restarts them") == 2, log
@@ -217,6 +242,11 @@ def test_cancelled_job_checkpoints_and_stays_cancelled(slurm, workdir, capsys):
     with capsys.disabled():
         print(f"\nscancel, job {job_id}: checkpoint at step {interrupted[0]['step']} on signal "
               f"{interrupted[0]['signal']}, state {job['JobState']}, restarts {job['Restarts']}")
+
+
+def saved_at(log: str, step: int) -> bool:
+    """Whether the job log says that last.pt was saved at optimizer step ``step``."""
+    return re.search(rf"^saved last\.pt.* step {step}\)$", log, re.MULTILINE) is not None
 
 
 def _training_worker(rank: int, job_id: int) -> int | None:
@@ -285,9 +315,91 @@ def test_multi_node_script_requeues_when_a_rank_freezes(slurm, workdir, capsys):
     resumed, _ = resumes(metrics, MAX_STEPS)
     assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
     resumed_from = resumed[0]["from_step"]
-    assert resumed_from % CKPT_EVERY == 0 and CKPT_EVERY <= resumed_from <= frozen_step, (resumed_from, frozen_step)
+    assert CKPT_EVERY <= resumed_from <= frozen_step and saved_at(log, resumed_from), (resumed_from, frozen_step)
     assert last_train_step(metrics) == MAX_STEPS, explain()
     assert requeued_after < timeout_s + 30, f"requeued {requeued_after:.1f} s after the freeze"
     with capsys.disabled():
         print(f"\nfrozen rank, job {job_id}: frozen at step {frozen_step}, job requeued {requeued_after:.1f} s later "
               f"(--dist-timeout {timeout_s}), resumed from step {resumed_from}, completed at {MAX_STEPS}")
+
+
+def test_multi_node_script_on_two_hosts_rendezvous_and_preemption(slurm_two_hosts, workdir, capsys):
+    """launch/slurm_multi_node.sh on two hosts with their own addresses and names: one agent per
+    node, the rendezvous at the first host by name, the warning taken to both hosts by the
+    signalling step, the requeue and the resume."""
+    slurm = slurm_two_hosts
+    run_dir = workdir / "run"
+    args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
+            "--output-dir", str(run_dir)]
+    job_id = submit(slurm, workdir, "slurm_multi_node.sh", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"],
+                    args)
+    seen = check_preempted_run(preempt_and_finish(slurm, workdir, job_id, run_dir))
+    log = (workdir / f"job-{job_id}.out").read_text()
+    port = 10000 + job_id % 20000
+    assert f"2 torchrun agents on node1 node2, rendezvous at node1:{port}" in log, log
+    for node in ("node1", "node2"):  # each start, on each host: one process, its own name
+        assert len(re.findall(rf"\[launch [-0-9: ]+ {node}\] 1 training processes on {node}", log)) == 2, log
+    assert "on 2 x cpu (torchrun, gloo)" in log
+    assert len(re.findall(r"SIGUSR1 sent to node agent \d+ \(agent\.\S+\.[01]\.pid\)", log)) == 2, log
+    with capsys.disabled():
+        print(f"\nmulti node on two hosts, job {job_id}: {seen}")
+
+
+def test_multi_node_script_on_two_hosts_requeues_when_a_host_is_cut_off(slurm_two_hosts, workdir, capsys):
+    """node2's link goes down mid-run, its processes alive: node1's training gives up after
+    --dist-timeout instead of waiting for the job's time limit, and once the link is back (a real
+    cluster's SLURM ends the step of a node that stays away itself: SlurmdTimeout) the job step
+    ends with status 5 and the batch script requeues the job, which resumes and completes."""
+    slurm = slurm_two_hosts
+    run_dir = workdir / "run"
+    timeout_s = 5
+    args = [*TINY_TRAINING, "--max-steps", str(MAX_STEPS), "--ckpt-every", str(CKPT_EVERY),
+            "--dist-timeout", str(timeout_s), "--output-dir", str(run_dir)]
+    job_id = submit(slurm, workdir, "slurm_multi_node.sh", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"],
+                    args)
+    log_path = workdir / f"job-{job_id}.out"
+
+    def explain() -> str:
+        return f"job: {job_info(slurm, job_id)}\n{tail(log_path)}\n{tail(slurm.root / 'slurmctld.log', 15)}"
+
+    cut_after = CKPT_EVERY + 10
+    wait_until(lambda: last_train_step(read_metrics(run_dir)) >= cut_after, 180,
+               f"training to pass step {cut_after}", explain)
+    slurm.hosts.cut("node2")
+    cut_at = time.monotonic()
+    cut_step = last_train_step(read_metrics(run_dir))
+    try:
+        wait_until(lambda: "lost contact with the other processes of the run" in log_path.read_text(errors="replace"),
+                   60, "node1's training to give up on node2", explain)
+        noticed_after = time.monotonic() - cut_at
+    finally:
+        slurm.hosts.restore("node2")
+
+    def requeued():
+        info = job_info(slurm, job_id)
+        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
+
+    wait_until(requeued, 120, "the job to requeue itself", explain)
+    requeued_after = time.monotonic() - cut_at
+    wait_until(lambda: slurm.node_state() == "idle", 60, "the nodes to be idle again", explain)
+    time.sleep(2)  # see preempt_and_finish
+    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+
+    def ended():
+        info = job_info(slurm, job_id)
+        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    job = wait_until(ended, 240, "the requeued job to finish", explain)
+    log, metrics = log_path.read_text(errors="replace"), read_metrics(run_dir)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", explain()
+    assert "another process of the run was lost (status 5" in log and "requeueing job" in log, explain()
+    resumed, _ = resumes(metrics, MAX_STEPS)
+    assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
+    resumed_from = resumed[0]["from_step"]
+    assert CKPT_EVERY <= resumed_from <= cut_step and saved_at(log, resumed_from), (resumed_from, cut_step)
+    assert last_train_step(metrics) == MAX_STEPS, explain()
+    assert noticed_after < timeout_s + 25, f"node1 gave up {noticed_after:.1f} s after the cut"
+    with capsys.disabled():
+        print(f"\nnode2 cut off, job {job_id}: cut at step {cut_step}; node1 gave up {noticed_after:.1f} s later "
+              f"(--dist-timeout {timeout_s}); link restored, job requeued {requeued_after:.1f} s after the cut; "
+              f"resumed from step {resumed_from}, completed at {MAX_STEPS}")

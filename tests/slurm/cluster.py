@@ -1,5 +1,10 @@
 """A throw-away SLURM cluster on localhost, for tests of the launch scripts on real daemons.
 
+One node (this host, on 127.0.0.1) by default; given a simulated cluster of network namespaces
+(tests/netns_cluster.py), one node per simulated host instead: slurmctld and the clients on the
+first host, a slurmd on every host (``-N`` its node name, ``%n`` in its spool, pid and log paths),
+each node at its host's own address, so that the job steps run on their hosts.
+
 Debian's munge, slurmctld and slurmd run as root without systemd or cgroups when process
 tracking is done by walking /proc (proctrack/linuxproc) and task binding is off (task/none).
 Every file the daemons write (config, state, spool, logs, pid files, the munge socket and key)
@@ -111,14 +116,26 @@ def pid_alive(pid: int) -> bool:
 
 
 class LocalSlurm:
-    """One-node SLURM cluster (node = this host's short name) with its files under ``root``."""
+    """A SLURM cluster with its files under ``root``: one node (this host's short name), or one
+    per host of ``hosts`` (a NetnsCluster), the first of which runs slurmctld."""
 
-    def __init__(self, root: str | os.PathLike, cpus: int | None = None, log=print):
+    def __init__(self, root: str | os.PathLike, cpus: int | None = None, log=print, hosts=None):
         self.root = Path(root).resolve()
-        self.node = socket.gethostname().split(".")[0]
+        self.hosts = hosts
+        self.nodes = list(hosts.hosts) if hosts is not None else [socket.gethostname().split(".")[0]]
+        self.node = self.nodes[0]
         self.cpus = cpus or os.cpu_count() or 1
         self.log = log
         self.conf = self.root / "slurm.conf"
+
+    def _address(self, node: str) -> str:
+        return self.hosts.address(node) if self.hosts is not None else "127.0.0.1"
+
+    def _on(self, node: str, argv: list[str], env: dict[str, str] | None = None, **popen_kwargs) -> subprocess.Popen:
+        """Start ``argv`` on ``node``: in its network namespace when the cluster has hosts."""
+        if self.hosts is not None:
+            return self.hosts.run(node, argv, env, **popen_kwargs)
+        return subprocess.Popen(argv, env=env, **popen_kwargs)
 
     @property
     def munge_dir(self) -> Path:
@@ -139,15 +156,25 @@ class LocalSlurm:
 
     def run(self, *args: str, check: bool = True, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Runs a SLURM client; ``env`` adds variables (sbatch hands them on to the job)."""
-        return subprocess.run(
-            list(args), env={**self.env, **(env or {})}, check=check, timeout=timeout,
-            capture_output=True, text=True,
-        )
+        """Runs a SLURM client (on the first node); ``env`` adds variables (sbatch hands them on to the job)."""
+        proc = self._on(self.node, list(args), {**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True, start_new_session=False)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        done = subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+        if check:
+            done.check_returncode()
+        return done
 
     def node_state(self) -> str:
-        """sinfo's state of the node: idle, allocated, mixed, completing, down..."""
-        return self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20).stdout.strip()
+        """sinfo's state of the nodes (idle, allocated, mixed, completing, down...): one word when
+        they all agree, else the states seen, comma-separated."""
+        lines = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20).stdout.split()
+        return ",".join(sorted(set(lines)))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> "LocalSlurm":
@@ -159,8 +186,10 @@ class LocalSlurm:
         try:
             self._start_munge()
             self._write_conf()
-            self._start_daemon("slurmctld", ["slurmctld", "-f", str(self.conf)])
-            self._start_daemon("slurmd", ["slurmd", "-f", str(self.conf)])
+            self._start_daemon("slurmctld", self.node, ["slurmctld", "-f", str(self.conf)])
+            for node in self.nodes:
+                (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+                self._start_daemon("slurmd", node, ["slurmd", "-N", node, "-f", str(self.conf)])
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
@@ -173,7 +202,7 @@ class LocalSlurm:
         Jobs go first: slurmstepd keeps a job's processes (torchrun, trainers) alive after
         slurmd itself has stopped.
         """
-        if self._alive("slurmctld") and self._alive("slurmd"):
+        if self._alive("slurmctld") and all(self._alive("slurmd", node) for node in self.nodes):
             self.run("scancel", "--full", "--signal=KILL", f"--partition={PARTITION}", check=False)
             self.run("scancel", f"--partition={PARTITION}", check=False)
             deadline = time.monotonic() + timeout
@@ -185,8 +214,9 @@ class LocalSlurm:
                 ):
                     break
                 time.sleep(0.25)
-        for name in ("slurmd", "slurmctld", "munged"):
-            pid = self._pid(name)
+        daemons = [("slurmd", node) for node in self.nodes] + [("slurmctld", None), ("munged", None)]
+        for name, node in daemons:
+            pid = self._pid(name, node)
             if pid is None or not pid_alive(pid):
                 continue
             os.kill(pid, signal.SIGTERM)
@@ -201,17 +231,22 @@ class LocalSlurm:
             shutil.rmtree(record.read_text().strip(), ignore_errors=True)
             record.unlink()
 
-    def _pidfile(self, name: str) -> Path:
-        return (self.munge_dir if name == "munged" else self.root) / f"{name}.pid"
+    def _pidfile(self, name: str, node: str | None = None) -> Path:
+        """Where daemon ``name`` writes its pid; slurmd's path has SLURM's %n (its node name) in it."""
+        if name == "munged":
+            return self.munge_dir / "munged.pid"
+        if name == "slurmd":
+            return self.root / f"slurmd.{node or '%n'}.pid"
+        return self.root / f"{name}.pid"
 
-    def _pid(self, name: str) -> int | None:
+    def _pid(self, name: str, node: str | None = None) -> int | None:
         try:
-            return int(self._pidfile(name).read_text().split()[0])
+            return int(self._pidfile(name, node).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
-    def _alive(self, name: str) -> bool:
-        pid = self._pid(name)
+    def _alive(self, name: str, node: str | None = None) -> bool:
+        pid = self._pid(name, node)
         return pid is not None and pid_alive(pid)
 
     def __enter__(self) -> "LocalSlurm":
@@ -251,10 +286,12 @@ class LocalSlurm:
         r = self.root
         (r / "state").mkdir(exist_ok=True)
         (r / "spool").mkdir(exist_ok=True)
+        nodes = "\n".join(f"NodeName={n} NodeAddr={self._address(n)} CPUs={self.cpus} State=UNKNOWN"
+                          for n in self.nodes)
         lines = f"""
-            # Written by tests/slurm/cluster.py for a one-node cluster on localhost.
+            # Written by tests/slurm/cluster.py for a test cluster on this machine.
             ClusterName=localtest
-            SlurmctldHost={self.node}
+            SlurmctldHost={self.node}({self._address(self.node)})
             SlurmUser=root
             SlurmdUser=root
             SlurmctldPort={ctld_port}
@@ -263,11 +300,11 @@ class LocalSlurm:
             CredType=cred/munge
             AuthInfo=socket={self.munge_dir / 'munge.socket'}
             StateSaveLocation={r / 'state'}
-            SlurmdSpoolDir={r / 'spool'}
+            SlurmdSpoolDir={r / 'spool'}/%n
             SlurmctldPidFile={self._pidfile('slurmctld')}
             SlurmdPidFile={self._pidfile('slurmd')}
             SlurmctldLogFile={r / 'slurmctld.log'}
-            SlurmdLogFile={r / 'slurmd.log'}
+            SlurmdLogFile={r / 'slurmd.%n.log'}
             SlurmctldDebug=info
             SlurmdDebug=info
             # No systemd or cgroups here: track processes by walking /proc, bind nothing.
@@ -284,25 +321,26 @@ class LocalSlurm:
             # Tests look at finished jobs with scontrol for a while after they end.
             MinJobAge=600
             KillWait=10
-            NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+            {nodes}
             PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
         """
         self.conf.write_text("\n".join(line.strip() for line in lines.strip().splitlines()) + "\n")
 
-    def _start_daemon(self, name: str, cmd: list[str]) -> None:
+    def _start_daemon(self, name: str, node: str, cmd: list[str]) -> None:
+        """Start daemon ``name`` on ``node``; it forks into the background and writes its pid file."""
         cmd = [_which(cmd[0]), *cmd[1:]]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        logfile = self.root / (f"slurmd.{node}.log" if name == "slurmd" else f"{name}.log")
+        proc = self._on(node, cmd, self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate(timeout=60)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"{name} failed to start (exit {proc.returncode}): {proc.stderr.strip()}\n"
-                f"{self._tail(self.root / f'{name}.log')}"
-            )
-        self._wait_pidfile(name, self.root / f"{name}.log")
+            raise RuntimeError(f"{name} failed to start on {node} (exit {proc.returncode}): {err.strip()}\n"
+                               f"{self._tail(logfile)}")
+        self._wait_pidfile(name, logfile, node=node if name == "slurmd" else None)
 
-    def _wait_pidfile(self, name: str, logfile: Path, timeout: float = 20) -> None:
+    def _wait_pidfile(self, name: str, logfile: Path, timeout: float = 20, node: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._alive(name):
+            if self._alive(name, node):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not come up within {timeout:.0f} s\n{self._tail(logfile)}")
@@ -316,8 +354,8 @@ class LocalSlurm:
                 return
             time.sleep(0.5)
         raise RuntimeError(
-            f"node {self.node} not idle after {timeout:.0f} s (last state: {state!r})\n"
-            f"{self._tail(self.root / 'slurmctld.log')}\n{self._tail(self.root / 'slurmd.log')}"
+            f"nodes {','.join(self.nodes)} not idle after {timeout:.0f} s (last state: {state!r})\n"
+            f"{self._tail(self.root / 'slurmctld.log')}\n{self._tail(self.root / f'slurmd.{self.node}.log')}"
         )
 
     @staticmethod
