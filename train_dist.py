@@ -19,6 +19,7 @@ Exit status: 0 done, 2 bad configuration or input (one line, before anything is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -54,14 +55,14 @@ from data import IMAGENET_MEAN, IMAGENET_STD, DataLayoutError  # noqa: E402
 from data.files import atomic_write_bytes  # noqa: E402
 from data.index import IndexCache, SplitIndex  # noqa: E402
 from densenet.training.checkpoint import CheckpointError, Checkpointer, Progress, Resumed, check_fits  # noqa: E402
-from densenet.training.config import config_changes, config_to_dict, save_config  # noqa: E402
+from densenet.training.config import config_changes, config_to_dict, eval_crop_size, save_config  # noqa: E402
 from densenet.training.distributed import (DistInfo, SharedError, barrier, checked_on_every_rank,  # noqa: E402
                                            exit_without_teardown, init_distributed, lost_peer, shutdown)
 from densenet.training.engine import EpochEnd, EpochStats, Trainer, build_trainer, prepare_model  # noqa: E402
 from densenet.training.evaluation import evaluate  # noqa: E402
 from densenet.training.loaders import build_loaders, eval_loader, index_data  # noqa: E402
 from densenet.training.inputs import DeviceNormalize  # noqa: E402
-from densenet.training.optim import kernels_in_use, peak_lr  # noqa: E402
+from densenet.training.optim import kernels_in_use, lr_scaling_rule, peak_lr, scaled_lr, scaling_rule  # noqa: E402
 from densenet.training.reporting import Reporter, format_duration, unreadable_note  # noqa: E402
 from densenet.training.settings import RunSettings, configure_backends, resolve_settings, seed_all  # noqa: E402
 from densenet.training.wandb_run import start_wandb  # noqa: E402
@@ -179,11 +180,11 @@ def evaluate_weights(cfg: Config, info: DistInfo, run: RunSettings) -> int:
     normalize = DeviceNormalize(IMAGENET_MEAN, IMAGENET_STD, run.device, run.channels_last)
     result = evaluate(model, val_loader, info=info, normalize=normalize, amp_dtype=run.amp_dtype)
     if info.is_main:
-        results = {"weights": cfg.weights, "arch": cfg.arch, "image_size": cfg.image_size, "data": cfg.data,
+        results = {"weights": cfg.weights, "arch": cfg.arch, "image_size": eval_crop_size(cfg), "data": cfg.data,
                    **result.as_dict()}
         results_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(results_file, (json.dumps(results, indent=2) + "\n").encode())
-        print(f"eval {cfg.weights} ({cfg.arch}, {cfg.image_size} px): top1 {result.top1:.3f}  "
+        print(f"eval {cfg.weights} ({cfg.arch}, {eval_crop_size(cfg)} px): top1 {result.top1:.3f}  "
               f"top5 {result.top5:.3f}  loss {result.loss:.4f}  images {result.count}"
               f"{unreadable_note(result.unreadable)}; results in {results_file}", flush=True)
     return EXIT_OK
@@ -293,19 +294,23 @@ def plan_run(cfg: Config, info: DistInfo, train_loader: Any, resumed: Optional[R
 
 
 def keep_checkpoint_lr(cfg: Config, resumed: Resumed, global_batch: int, info: DistInfo) -> Config:
-    """A resumed run keeps its peak lr when only the global batch changed (another number of
-    processes): the linear scaling rule would silently halve or double it mid-run. An --lr or
+    """A resumed run keeps its peak lr when only the global batch (another number of processes) or
+    the scaling rule changed: scaling again would silently halve or double it mid-run. An --lr or
     --base-lr of this command that differs from the checkpoint's is the user's choice and wins."""
     old, saved = resumed.state["config"], resumed.progress
-    old_global = saved.world_size * saved.batch_size * saved.accum_steps
-    if cfg.lr is not None or old.get("lr") is not None or cfg.base_lr != old.get("base_lr") \
-            or old_global == global_batch:
+    if cfg.lr is not None or old.get("lr") is not None or cfg.base_lr != old.get("base_lr"):
         return cfg
-    kept, scaled = peak_lr(cfg, old_global), peak_lr(cfg, global_batch)
+    old_global = saved.world_size * saved.batch_size * saved.accum_steps
+    # Checkpoints from before lr_scaling existed scaled linearly, whatever the optimizer.
+    old_rule = scaling_rule(old.get("lr_scaling", "linear"), old.get("optimizer", cfg.optimizer))
+    kept, scaled = scaled_lr(cfg.base_lr, old_rule, old_global), peak_lr(cfg, global_batch)
+    if math.isclose(kept, scaled, rel_tol=1e-12):
+        return cfg
     if info.is_main:
-        print(f"warning: the global batch is now {global_batch} (the checkpoint's was {old_global}); keeping its "
-              f"peak lr {kept:.4g} instead of the {scaled:.4g} that linear scaling gives; pass --lr {scaled:.4g} "
-              "to use that", flush=True)
+        why = (f"the global batch is now {global_batch} (the checkpoint's was {old_global})" if old_global != global_batch
+               else f"the checkpoint's peak lr came from the {old_rule} scaling rule")
+        print(f"warning: {why}; keeping its peak lr {kept:.4g} instead of the {scaled:.4g} that "
+              f"{lr_scaling_rule(cfg)} scaling gives; pass --lr {scaled:.4g} to use that", flush=True)
     return cfg.with_values(lr=kept)
 
 
@@ -358,7 +363,8 @@ def describe_run(cfg: Config, info: DistInfo, run: RunSettings, trainer: Trainer
         f"run folder {cfg.run_dir()}; restart count {restart_count()}")
     processes = f"{info.world_size} process" + ("es" if info.world_size > 1 else "")
     say(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
-        f"{plan.global_batch} global; peak lr {plan.peak_lr:.4g}; "
+        f"{plan.global_batch} global; {cfg.optimizer}, peak lr {plan.peak_lr:.4g}"
+        f"{'' if cfg.lr is not None else f' ({lr_scaling_rule(cfg)} scaling of {cfg.base_lr:g} per 256)'}; "
         f"amp {run.amp_dtype or 'off'}; channels_last {run.channels_last}; "
         f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
         f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "

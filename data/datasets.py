@@ -35,11 +35,12 @@ class TrainFolderDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
         generator = key_generator(SAMPLE, self.seed, epoch, index)
+        transform = self.transform.at_epoch(epoch)
         failures: list[tuple[str, str]] = []
         while len(failures) < MAX_REPLACEMENTS:
             path = self.table.path(index)
             try:
-                pixels = self.transform(path, path, generator)
+                pixels = transform(path, path, generator)
                 return Sample(pixels, int(self.table.targets[index]), tuple(failures))
             except UnreadableImage as err:
                 failures.append((err.path, err.reason))

@@ -75,6 +75,7 @@ class EncodedCrop(NamedTuple):
     flip: bool
     erasure: Erasure | None
     name: str
+    size: int  # the output size of the sample's epoch (progressive resizing changes it)
 
 
 def device_decodable(image_format: str | None, mode: str, data: bytes, progressive: bool = False) -> bool:
@@ -112,6 +113,16 @@ class EncodedTrainTransform:
                              "decoding to the device when decode_on is set; use decode_on=None (--decode cpu) "
                              "with auto_augment")
         self.transform = transform
+        self._by_epoch_size: dict[int, EncodedTrainTransform] = {}
+
+    def at_epoch(self, epoch: int) -> "EncodedTrainTransform":
+        """The worker's half of ``transform.at_epoch(epoch)`` (its crops are drawn for that size)."""
+        sized = self.transform.at_epoch(epoch)
+        if sized is self.transform:
+            return self
+        if sized.size not in self._by_epoch_size:
+            self._by_epoch_size[sized.size] = EncodedTrainTransform(sized)
+        return self._by_epoch_size[sized.size]
 
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> np.ndarray | EncodedCrop:
         data = None
@@ -120,7 +131,7 @@ class EncodedTrainTransform:
             with open_image(data, name) as image:
                 if device_decodable(image.format, image.mode, data, is_progressive(image)):
                     crop, flip = self.transform.crop(*image.size, generator)
-                    return EncodedCrop(data, crop, flip, self.transform.erasure(generator), name)
+                    return EncodedCrop(data, crop, flip, self.transform.erasure(generator), name, self.transform.size)
         except (OSError, UnreadableImage):
             pass  # the CPU path below raises its own error for it, naming the file
         # A path is handed over as it is (read again, from the page cache), so that the CPU path
@@ -143,6 +154,7 @@ class EncodedImages:
     pixels: torch.Tensor  # uint8 [m, 3, S, S]: samples the workers decoded on the CPU
     pixel_positions: list[int]
     batch_size: int
+    size: int  # every image of the batch comes out size x size
 
     def files(self) -> list[torch.Tensor]:
         return [self.data[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
@@ -159,9 +171,13 @@ def collate_encoded(samples: Sequence[Sample]) -> tuple[EncodedImages, torch.Ten
         view[start:end] = np.frombuffer(e.data, dtype=np.uint8)
     pixels = (torch.from_numpy(np.stack([p for _, p in decoded])) if decoded
               else torch.empty(0, dtype=torch.uint8))
+    # One epoch per batch, so one size: the workers' crops were drawn for it, the CPU path made it.
+    sizes = {e.size for _, e in encoded} | {p.shape[-1] for _, p in decoded}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch mixes output sizes {sorted(sizes)}; its samples must come from one epoch")
     images = EncodedImages(data, offsets, [i for i, _ in encoded], [e.crop for _, e in encoded],
                            [e.flip for _, e in encoded], [e.erasure for _, e in encoded],
-                           [e.name for _, e in encoded], pixels, [i for i, _ in decoded], len(samples))
+                           [e.name for _, e in encoded], pixels, [i for i, _ in decoded], len(samples), sizes.pop())
     targets = torch.tensor([s.target for s in samples], dtype=torch.int64)
     bad = torch.tensor([bool(s.unreadable) for s in samples], dtype=torch.bool)
     return images, targets, bad, [report for s in samples for report in s.unreadable]
@@ -347,11 +363,10 @@ class DeviceDecoder:
         training.wait_event(decoded)
         images.record_stream(training)
 
-    def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
-        """The crop, resized with antialiasing and mirrored if ``flip``: float 3 x S x S, unrounded
+    def _resize(self, image: torch.Tensor, crop: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
+        """The crop, resized with antialiasing and mirrored if ``flip``: float 3 x size x size, unrounded
         (the device kernels are float only)."""
         top, left, height, width = crop
-        size = self.transform.size
         region = image[:, top:top + height, left:left + width].unsqueeze(0).float()
         if (height, width) != (size, size):
             region = F.interpolate(region, size=(size, size), mode=self.transform.interpolation,
@@ -373,8 +388,9 @@ class DeviceDecoder:
     def _cpu_fallback(self, encoded: EncodedImages, j: int, data: torch.Tensor) -> np.ndarray:
         """The CPU path's pixels for encoded file j, from its bytes and the crop already drawn."""
         name = encoded.names[j]
+        transform = self.transform.at_size(encoded.size)
         with open_image(data.numpy().tobytes(), name) as image:
-            return self.transform.resized_crop(image, encoded.crops[j], encoded.flips[j], name)
+            return transform.resized_crop(image, encoded.crops[j], encoded.flips[j], name)
 
     def __call__(self, batch: tuple[EncodedImages, torch.Tensor, torch.Tensor, list]):
         return self._finish(*batch)
@@ -382,7 +398,7 @@ class DeviceDecoder:
     def _finish(self, encoded: EncodedImages, targets: torch.Tensor, bad: torch.Tensor, unreadable: list):
         """Decode, crop, resize and flip on the device. In the usual batch (every file decoded there)
         nothing waits for the device: indices stay on the host and uploads come from pinned memory."""
-        size = self.transform.size
+        size = encoded.size
         cpu_pixels = list(zip(encoded.pixel_positions, encoded.pixels))  # finished on the CPU
         self.counts["workers"] += len(cpu_pixels)
         failed: dict[int, tuple[str, str]] = {}  # position -> (name, reason): no decoder could read it
@@ -395,7 +411,7 @@ class DeviceDecoder:
                     image.shape[0] != 3 or top + height > image.shape[1] or left + width > image.shape[2]):
                 image = f"decoded to {tuple(image.shape)}, but the header promised an RGB image holding the crop"
             if isinstance(image, torch.Tensor):
-                resized[j] = self._resize(image, encoded.crops[j], encoded.flips[j])
+                resized[j] = self._resize(image, encoded.crops[j], encoded.flips[j], size)
                 on_device.append(j)
                 continue
             self._refused(encoded.names[j], image)

@@ -241,11 +241,16 @@ class TrainLoader(_Loader):
     unreadable_fate = "replaced by another sample"
 
     def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
-                 batch_size: int, decoder: DeviceDecoder | None = None):
+                 batch_size: int, transform: TrainTransform, decoder: DeviceDecoder | None = None):
         super().__init__(dataloader, classes, len(sampler), decoder)
         self.sampler = sampler
         self.num_samples = num_samples
         self.batch_size = batch_size
+        self.transform = transform
+
+    def size_at(self, epoch: int) -> int:
+        """The image size of epoch ``epoch``'s batches (it changes between epochs with progressive resizing)."""
+        return self.transform.size_at(epoch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -327,7 +332,7 @@ def build_train_loader(
         num_samples = len(source)
     # Built after the layout checks and before any worker starts: a device that cannot decode fails here.
     decoder = None if decode_on is None else DeviceDecoder(transform, resolve_device(decode_on))
-    return TrainLoader(dataloader, sampler, source.classes, num_samples, batch_size, decoder)
+    return TrainLoader(dataloader, sampler, source.classes, num_samples, batch_size, transform, decoder)
 
 
 def build_eval_loader(

@@ -37,9 +37,12 @@ class Sample(NamedTuple):
 class TrainSampleTransform(Protocol):
     """A training transform: one file (a path, bytes or a stream; ``name`` for messages) and the
     sample's generator in, pixels out (or, with device decode, an ``EncodedCrop``); raises
-    ``UnreadableImage`` for a file it cannot read."""
+    ``UnreadableImage`` for a file it cannot read. ``at_epoch(epoch)`` is the transform to use for
+    the samples of that epoch (progressive resizing changes the output size between epochs)."""
 
     def __call__(self, source: Source, name: str, generator: torch.Generator) -> Any: ...
+
+    def at_epoch(self, epoch: int) -> "TrainSampleTransform": ...
 
 
 class EvalSampleTransform(Protocol):

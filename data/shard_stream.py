@@ -203,8 +203,9 @@ class ShardTrainStream(IterableDataset):
         self.epoch = epoch
         self.collate = collate
 
-    def _decode(self, data: bytes, name: str, generator: torch.Generator):
-        return self.transform(data, name, generator)
+    @staticmethod
+    def _decode(data: bytes, name: str, generator: torch.Generator, transform: TrainSampleTransform):
+        return transform(data, name, generator)
 
     def _passes(self, epoch: int, slot: int, slots: int, reports) -> Iterator[Iterator[RawSample]]:
         """Passes over the slot's shards, each in a fresh shard order; as many as the epoch needs."""
@@ -226,6 +227,7 @@ class ShardTrainStream(IterableDataset):
         buffer = PassBuffers(self._passes(epoch, slot, slots, reports), self.shuffle_buffer,
                              key_generator(SHARD_STREAM, self.seed, epoch, slot, slots))
         stream = iter(buffer)
+        transform = self.transform.at_epoch(epoch)
         for _ in range(skip * self.batch_size):
             next(stream)
         position = skip * self.batch_size
@@ -236,7 +238,7 @@ class ShardTrainStream(IterableDataset):
                 generator = key_generator(SHARD_SAMPLE, self.seed, epoch, slot, slots, position)
                 position += 1
                 raw = next(stream)
-                decode = functools.partial(self._decode, generator=generator)
+                decode = functools.partial(self._decode, generator=generator, transform=transform)
                 candidates = random_buffered(buffer.items, generator)
                 sample, last_good = decode_or_replace(raw, decode, candidates, last_good)
                 samples.append(sample)

@@ -24,7 +24,7 @@ import math
 import warnings
 from functools import lru_cache
 from importlib import metadata
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -230,12 +230,23 @@ def draw_erasure(height: int, width: int, generator: torch.Generator, scale=(0.0
 
 class TrainTransform:
     """File -> random crop, resized to ``size`` x ``size``, as a 3xHxW uint8 array. All randomness
-    comes from the generator passed in."""
+    comes from the generator passed in.
+
+    ``sizes_by_epoch`` (progressive resizing, densenet/training/resolution.py): the output size of
+    each epoch; ``at_epoch(epoch)`` is the transform of that epoch (this one when the size is
+    ``size``), which every reader asks for with the epoch its sample keys carry."""
 
     def __init__(self, size: int, *, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  interpolation: str = "bilinear", auto_augment: str | None = None,
-                 random_erasing: float = 0.0, backend: str = "auto", draft: bool = True):
+                 random_erasing: float = 0.0, backend: str = "auto", draft: bool = True,
+                 sizes_by_epoch: Sequence[int] | None = None):
+        self._settings = dict(scale=scale, ratio=ratio, hflip=hflip, interpolation=interpolation,
+                              auto_augment=auto_augment, random_erasing=random_erasing, backend=backend, draft=draft)
+        self.sizes_by_epoch = tuple(sizes_by_epoch) if sizes_by_epoch else None
+        if self.sizes_by_epoch and min(self.sizes_by_epoch) < 1:
+            raise ValueError(f"sizes_by_epoch must be positive sizes, got {self.sizes_by_epoch}")
+        self._by_size: dict[int, TrainTransform] = {}
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop scale {scale} must satisfy 0 < min <= max <= 1")
         if not 0 <= random_erasing <= 1:
@@ -249,6 +260,24 @@ class TrainTransform:
         self.random_erasing = random_erasing
         self.backend = choose_backend(backend)
         self.draft = draft
+
+    def size_at(self, epoch: int) -> int:
+        """The output size in epoch ``epoch`` (0-based); the last scheduled size after the schedule."""
+        if not self.sizes_by_epoch:
+            return self.size
+        return self.sizes_by_epoch[min(epoch, len(self.sizes_by_epoch) - 1)]
+
+    def at_epoch(self, epoch: int) -> "TrainTransform":
+        """The transform of epoch ``epoch``: the same settings at that epoch's size."""
+        return self.at_size(self.size_at(epoch))
+
+    def at_size(self, size: int) -> "TrainTransform":
+        """The same settings at output size ``size`` (this transform when it is ``size``)."""
+        if size == self.size:
+            return self
+        if size not in self._by_size:
+            self._by_size[size] = TrainTransform(size, **self._settings)
+        return self._by_size[size]
 
     def crop(self, width: int, height: int, generator: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
         """Crop box (top, left, height, width) and flip for an image of this size: all a decoder

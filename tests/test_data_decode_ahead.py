@@ -140,7 +140,7 @@ def test_both_jpeg_decoders_give_the_cpu_paths_pixels(tmp_path):
     for k, path in enumerate(paths):
         generator = key_generator(11, k)
         crop, flip = transform.crop(*Image.open(path).size, generator)
-        samples.append(Sample(EncodedCrop(path.read_bytes(), crop, flip, None, str(path)), k, ()))
+        samples.append(Sample(EncodedCrop(path.read_bytes(), crop, flip, None, str(path), transform.size), k, ()))
     batch = collate_encoded(samples)
     results = {}
     for backend in ("torchcodec", "torchvision"):

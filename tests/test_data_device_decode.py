@@ -195,7 +195,7 @@ def test_device_refusals_fall_back_per_file_without_losing_the_batch(tmp_path, c
     for k, path in enumerate(paths):
         generator = key_generator(7, k)
         crop, flip = transform.crop(*Image.open(path).size, generator)
-        encoded = EncodedCrop(path.read_bytes(), crop, flip, transform.erasure(generator), str(path))
+        encoded = EncodedCrop(path.read_bytes(), crop, flip, transform.erasure(generator), str(path), transform.size)
         samples.append(Sample(encoded, k, ()))
     batch = collate_encoded(samples)
     assert batch[0].positions == list(range(6))
@@ -268,6 +268,6 @@ def test_jpeg_bytes_of_any_size_decode(tmp_path):
         data = jpeg_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         generator = key_generator(3, k)
         crop, flip = transform.crop(w, h, generator)
-        samples.append(Sample(EncodedCrop(data, crop, flip, None, f"odd{k}"), k, ()))
+        samples.append(Sample(EncodedCrop(data, crop, flip, None, f"odd{k}", transform.size), k, ()))
     images, _, bad, _ = DeviceDecoder(transform, torch.device("cpu"))(collate_encoded(samples))
     assert images.shape == (4, 3, 32, 32) and not bad.any()

@@ -34,6 +34,9 @@ class Batches:
     def set_epoch(self, epoch, start_batch=0):
         self.start = start_batch
 
+    def size_at(self, epoch):
+        return self.images.shape[-1]
+
     def __len__(self):
         return BATCHES
 

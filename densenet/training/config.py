@@ -29,6 +29,7 @@ import yaml
 from data.files import atomic_write_bytes
 
 from ..specs import get_spec, list_models, min_image_size
+from .resolution import train_sizes
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,8 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
     "eval_batch_size": ("-vb", "--validation-batch-size"),
     "workers": ("-j",),
     "optimizer": ("--opt",),
+    "base_lr": ("--lr-base",),
+    "lr_scaling": ("--lr-base-scale",),
     "weight_decay": ("--wd",),
     "lr_schedule": ("--sched",),
     "warmup_epochs": ("--lr-warmup-epochs",),
@@ -80,7 +83,8 @@ def _opt(default: Any, help: str, choices: Optional[Sequence[str]] = None) -> An
 @dataclass
 class Config:
     # --- what to train, on what, and where the run folder is
-    recipe: str = _opt("paper", "built-in recipe applied before --config and flags", ("paper", "modern"))
+    recipe: str = _opt("paper", "built-in recipe applied before --config and flags (docs/training.md, recipes)",
+                       ("paper", "modern", "fast", "large-batch"))
     arch: str = _opt("densenet121", "model name: " + ", ".join(list_models()))
     data: str = _opt("", "ImageNet root with train/ and val/, or 'demo' for the built-in demo data")
     output_dir: str = _opt("", "run folder for checkpoints, logs and W&B files (default: runs/<arch>)")
@@ -93,9 +97,12 @@ class Config:
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in total (for quick runs)")
     batch_size: int = _opt(32, "images per process per step (8 processes x 32 = the paper's 256)")
     accum_steps: int = _opt(1, "micro-batches accumulated into one optimizer step")
-    base_lr: float = _opt(0.1, "learning rate per 256 images, scaled linearly to the global batch")
+    base_lr: float = _opt(0.1, "learning rate per 256 images, scaled to the global batch by lr_scaling")
     lr: Optional[float] = _opt(None, "peak learning rate as is (overrides the scaled base_lr)")
-    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
+    lr_scaling: str = _opt("auto", "how the peak lr grows with the global batch: linear, sqrt, or auto = linear "
+                           "for sgd and lars, sqrt for adamw and lamb (timm's rule)", ("auto", "linear", "sqrt"))
+    optimizer: str = _opt("sgd", "optimizer: torch's SGD and AdamW, timm's LAMB and LARS (large global batches)",
+                          ("sgd", "adamw", "lamb", "lars"))
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
     weight_decay: float = _opt(1e-4, "weight decay")
@@ -113,8 +120,16 @@ class Config:
     ema_decay: float = _opt(0.9999, "EMA decay per optimizer step")
 
     # --- data pipeline
-    image_size: int = _opt(224, "training crop and evaluation centre crop size")
-    eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: floor(size / 0.875), 224 -> 256)")
+    image_size: int = _opt(224, "training crop size (the last one, with progressive resizing) and, unless "
+                           "eval_image_size says otherwise, the evaluation centre crop")
+    train_size_start: Optional[float] = _opt(None, "progressive resizing: the training crop starts at this fraction "
+                                             "of image_size and rises to image_size over train_size_ramp (default: off)")
+    train_size_ramp: List[float] = _opt([0.74, 0.86], "progressive resizing: the fractions of the epochs at which the "
+                                        "crop starts and stops growing (FFCV's ResNet-50 recipe: epochs 65 and 76 of 88)")
+    train_size_multiple: int = _opt(32, "progressive resizing: crop sizes on the ramp are rounded to a multiple of this")
+    eval_image_size: Optional[int] = _opt(None, "evaluation centre crop (default: image_size); above the training "
+                                          "size scores higher after low-resolution training (FixRes)")
+    eval_resize: Optional[int] = _opt(None, "evaluation resize before the centre crop (default: floor(crop / 0.875), 224 -> 256)")
     eval_batch_size: Optional[int] = _opt(None, "images per process per evaluation step (default: batch_size)")
     workers: Optional[int] = _opt(None, "data loader workers per training process (default: its share of the "
                                   "CPUs, at most 8)")
@@ -186,6 +201,33 @@ class Config:
 # mixup/cutmix, RandAugment); it is a starting point, not a tuned result.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
+    # Fewer epochs to the paper's accuracy: low resolution for most of the run, rising to the full one
+    # near the end (FFCV's ImageNet ResNet recipes), label smoothing, warmup + cosine, no decay on norms
+    # and biases. 40 epochs, the crop at 160/224 of --image-size until 74 % of the run, full size from 86 %.
+    "fast": {
+        "epochs": 40,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 2.0,
+        "label_smoothing": 0.1,
+        "weight_decay": 5e-5,
+        "weight_decay_norm_bias": False,
+        "train_size_start": 160 / 224,
+        "train_size_ramp": [0.74, 0.86],
+    },
+    # Global batches of 2k-32k images: LAMB (timm) with the square-root lr rule, 5 warmup epochs, cosine,
+    # weight decay 0.02 off norms and biases, 100 epochs: timm's ResNet-strikes-back A3 settings
+    # (arXiv 2110.00476: lr 8e-3 at 2,048 images, i.e. 8e-3 / sqrt(8) per 256), with label smoothing in
+    # place of its binary cross-entropy, mixup and cutmix.
+    "large-batch": {
+        "optimizer": "lamb",
+        "base_lr": 8e-3 / math.sqrt(2048 / 256),
+        "weight_decay": 0.02,
+        "weight_decay_norm_bias": False,
+        "epochs": 100,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 5.0,
+        "label_smoothing": 0.1,
+    },
     "modern": {
         "epochs": 150,
         "lr_schedule": "cosine",
@@ -200,6 +242,16 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "auto_augment": "rand-m9-mstd0.5",  # not inc1: its posterize reaches 0 bits, which Pillow rejects
         "random_erasing": 0.25,
     },
+}
+
+# What LAMB and LARS need to train at all, applied when they are chosen (below any recipe, config file
+# or flag, which win): a gradual warmup (Goyal et al., arXiv 1706.02677; You et al., arXiv 1708.03888
+# and 1904.00962) and no weight decay on norms and biases, whose trust ratio would otherwise scale
+# their updates by their tiny norms. LAMB's decoupled-style decay is larger than SGD's (timm's
+# ResNet-strikes-back recipes, arXiv 2110.00476: 0.01-0.02).
+OPTIMIZER_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "lamb": {"warmup_epochs": 5.0, "weight_decay_norm_bias": False, "weight_decay": 0.02},
+    "lars": {"warmup_epochs": 5.0, "weight_decay_norm_bias": False},
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -371,7 +423,8 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Confi
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
-    """Defaults, then the recipe, then --config FILE, then command-line flags."""
+    """Defaults, then the chosen optimizer's needs (OPTIMIZER_DEFAULTS), then the recipe, then
+    --config FILE, then command-line flags."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -382,7 +435,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     recipe = cli.get("recipe", from_file.get("recipe", "paper"))
     if recipe not in RECIPES:
         raise ConfigError(f"recipe: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    values: Dict[str, Any] = dict(RECIPES[recipe])
+    optimizer = cli.get("optimizer", from_file.get("optimizer", RECIPES[recipe].get("optimizer", "sgd")))
+    values: Dict[str, Any] = dict(OPTIMIZER_DEFAULTS.get(optimizer, {}))
+    values.update(RECIPES[recipe])
     values.update(from_file)
     values.update(cli)
     values["recipe"] = recipe
@@ -406,7 +461,7 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["max_steps", "num_classes", "eval_resize", "eval_batch_size"]:
+    for name in ["max_steps", "num_classes", "eval_resize", "eval_batch_size", "eval_image_size"]:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive (or null), got {value}")
@@ -434,9 +489,12 @@ def validate(cfg: Config) -> None:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"batch_size must be even with mixup/cutmix (timm mixes pairs), got {cfg.batch_size}")
     smallest = min_image_size(get_spec(cfg.arch))
-    if cfg.image_size < smallest:
-        raise ConfigError(f"image_size: {cfg.image_size} px is too small for {cfg.arch}, whose stem and "
-                          f"transitions need at least {smallest} px; use --image-size {smallest} or more")
+    for name in ("image_size", "eval_image_size"):
+        size = getattr(cfg, name)
+        if size is not None and size < smallest:
+            raise ConfigError(f"{name}: {size} px is too small for {cfg.arch}, whose stem and transitions need at "
+                              f"least {smallest} px; use --{name.replace('_', '-')} {smallest} or more")
+    _validate_train_sizes(cfg, smallest)
     if cfg.auto_augment and cfg.auto_augment != "none" and cfg.decode == "device":
         raise ConfigError("auto_augment: augmentation policies work on decoded images in the loader workers, "
                           "which --decode device leaves undecoded; use --decode cpu or drop --auto-augment")
@@ -449,6 +507,42 @@ def validate(cfg: Config) -> None:
     if cfg.sync_bn and cfg.memory_efficient:
         raise ConfigError("sync_bn: --sync-bn does not reach the memory-efficient dense layers (they call "
                           "F.batch_norm themselves); drop --memory-efficient or --sync-bn")
+
+
+def _validate_train_sizes(cfg: Config, smallest: int) -> None:
+    if cfg.train_size_multiple <= 0:
+        raise ConfigError(f"train_size_multiple must be positive, got {cfg.train_size_multiple}")
+    if len(cfg.train_size_ramp) != 2 or not 0.0 <= cfg.train_size_ramp[0] <= cfg.train_size_ramp[1] <= 1.0:
+        raise ConfigError(f"train_size_ramp must be two fractions of the epochs, START <= END in [0, 1], "
+                          f"got {cfg.train_size_ramp}; e.g. --train-size-ramp 0.74 0.86")
+    if cfg.train_size_start is None:
+        return
+    if not 0.0 < cfg.train_size_start < 1.0:
+        raise ConfigError(f"train_size_start must be a fraction of image_size in (0, 1), got {cfg.train_size_start}")
+    start = first_train_size(cfg)
+    if start < smallest:
+        raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px is {start} px, too small "
+                          f"for {cfg.arch} (at least {smallest} px); raise --train-size-start or --image-size")
+    if start >= cfg.image_size:
+        raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px rounds to {start} px in "
+                          f"steps of {cfg.train_size_multiple} px, so the size would never change; use a smaller "
+                          f"--train-size-multiple (e.g. 8) or a larger --image-size")
+
+
+def first_train_size(cfg: Config) -> int:
+    """The training crop of the first epochs under progressive resizing (image_size without it)."""
+    return train_sizes_of(cfg)[0]
+
+
+def train_sizes_of(cfg: Config) -> Tuple[int, ...]:
+    """The training crop of every epoch (densenet/training/resolution.py); at least one entry."""
+    return train_sizes(cfg.image_size, max(cfg.epochs, 1), cfg.train_size_start, cfg.train_size_ramp,
+                       cfg.train_size_multiple)
+
+
+def eval_crop_size(cfg: Config) -> int:
+    """The evaluation centre crop: eval_image_size, else the (last) training size."""
+    return cfg.eval_image_size or cfg.image_size
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer, Progress
-from .config import Config, ConfigError
+from .config import Config, ConfigError, eval_crop_size, train_sizes_of
 from .distributed import DistInfo, all_reduce
 from .evaluation import average_batchnorm_statistics, evaluate
 from .inputs import DeviceNormalize
@@ -50,11 +50,13 @@ def prepare_model(model: nn.Module, cfg: Config, run: RunSettings) -> nn.Module:
     return model
 
 
-def compile_model(model: nn.Module, backend: str) -> nn.Module:
+def compile_model(model: nn.Module, backend: str, image_sizes: int = 1) -> nn.Module:
     """torch.compile once, for the whole run.
 
     Static shapes (dynamic=False): training batches all have the same size, so one graph serves
-    every step of every epoch, and nothing that differs after a resume (the epoch, the sampler
+    every step of every epoch at one image size (``image_sizes`` of them with progressive resizing:
+    one graph each, a static one rather than a slower shape-generic graph, and Dynamo's recompile
+    limit raised to hold them all instead of falling back to eager after its default few), and nothing that differs after a resume (the epoch, the sampler
     position, loaded weights, the learning rate, which lives in the optimizer outside the graph)
     reaches a guard. Only the training model is compiled: evaluation runs the plain module, so its
     eval-mode graph and its last, smaller batch never invalidate or add to the training graph.
@@ -68,6 +70,9 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"compile_backend: unknown torch.compile backend {backend!r}; "
                           f"choose from {', '.join(torch._dynamo.list_backends())}")
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across torch releases
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), image_sizes + 1))
     return torch.compile(model, backend=backend, dynamic=False)
 
 
@@ -164,6 +169,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info
         self.reporter = reporter
+        self._train_size: Optional[int] = None  # the training crop of the epoch under way, once said
         self.device = run.device
         self.amp_dtype = run.amp_dtype
         self.normalize = normalize
@@ -178,7 +184,8 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
             train_model = self.ddp
-        self.train_model = compile_model(train_model, cfg.compile_backend) if cfg.compile else train_model
+        self.train_model = (compile_model(train_model, cfg.compile_backend, len(set(train_sizes_of(cfg))))
+                            if cfg.compile else train_model)
 
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -269,6 +276,7 @@ class Trainer:
         first_step = progress.batch_in_epoch // accum
         epoch_number = progress.epoch + 1
         loader.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+        self._say_train_size(loader.size_at(progress.epoch), epoch_number)
         self.model.train()
         timer = StepTimer()
         started = time.perf_counter()
@@ -329,6 +337,15 @@ class Trainer:
                           epochs_done=progress.epoch + progress.batch_in_epoch / (steps_per_epoch * accum),
                           loss=totals[0] / max(totals[1], 1), bad_samples=int(totals[2]),
                           seconds=time.perf_counter() - started, signal=stop_signal)
+
+    def _say_train_size(self, size: int, epoch_number: int) -> None:
+        """With progressive resizing, a line (and a metrics event) whenever the training crop changes."""
+        if self.cfg.train_size_start is None or size == self._train_size:
+            return
+        self._train_size = size
+        eval_size = eval_crop_size(self.cfg)
+        self.reporter.print(f"epoch {epoch_number}/{self.cfg.epochs}: training at {size} px (evaluating at {eval_size} px)")
+        self.reporter.event("train_size", epoch=epoch_number, step=self.progress.global_step, size=size)
 
     def _report_window(self, step_in_epoch: int, steps_per_epoch: int, timer: StepTimer,
                        window_loss: torch.Tensor) -> None:

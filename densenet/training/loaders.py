@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 from data import DataLayoutError, EvalTransform, TrainTransform, build_eval_loader, build_train_loader, resolve_data_root
 from data.index import IndexCache, Source, SplitIndex
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, eval_crop_size, train_sizes_of
 from .distributed import DistInfo, checked_on_every_rank, decided_by_main
 from .settings import RunSettings
 
@@ -31,7 +31,7 @@ def build_loaders(cfg: Config, info: DistInfo, run: RunSettings, indexes: Dict[s
     def build() -> Tuple[Any, Any]:
         try:
             transform = TrainTransform(cfg.image_size, auto_augment=cfg.auto_augment,
-                                       random_erasing=cfg.random_erasing)
+                                       random_erasing=cfg.random_erasing, sizes_by_epoch=train_sizes_of(cfg))
             train_loader = build_train_loader(indexes["train"].source, transform, batch_size=cfg.batch_size,
                                               workers=run.workers, rank=info.rank, world_size=info.world_size,
                                               seed=cfg.seed, pin_memory=run.pin_memory, decode_on=run.decode_on)
@@ -43,7 +43,7 @@ def build_loaders(cfg: Config, info: DistInfo, run: RunSettings, indexes: Dict[s
 
 
 def eval_loader(cfg: Config, info: DistInfo, run: RunSettings, source: Source) -> Any:
-    # eval_resize None: EvalTransform's floor(image_size / 0.875), 224 -> 256 (timm's rounding; the one place)
-    return build_eval_loader(source, EvalTransform(cfg.image_size, cfg.eval_resize),
+    # eval_resize None: EvalTransform's floor(crop / 0.875), 224 -> 256 (timm's rounding; the one place)
+    return build_eval_loader(source, EvalTransform(eval_crop_size(cfg), cfg.eval_resize),
                              batch_size=cfg.eval_batch_size or cfg.batch_size, workers=run.workers,
                              rank=info.rank, world_size=info.world_size, pin_memory=run.pin_memory)

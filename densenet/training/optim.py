@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+import timm.optim
 import torch
 from torch import nn
 
@@ -18,8 +19,25 @@ from .config import Config, ConfigError
 BASE_BATCH = 256  # base_lr is per this many images (Goyal et al.'s linear scaling rule)
 
 
+def scaling_rule(lr_scaling: str, optimizer: str) -> str:
+    """'linear' or 'sqrt': timm's train.py rule for ``auto``: the square root of the batch ratio for
+    adaptive optimizers (AdamW, LAMB), linear for SGD and LARS (Goyal et al., arXiv 1706.02677)."""
+    if lr_scaling != "auto":
+        return lr_scaling
+    return "sqrt" if optimizer in ("adamw", "lamb") else "linear"
+
+
+def lr_scaling_rule(cfg: Config) -> str:
+    return scaling_rule(cfg.lr_scaling, cfg.optimizer)
+
+
+def scaled_lr(base_lr: float, rule: str, global_batch: int) -> float:
+    ratio = global_batch / BASE_BATCH
+    return base_lr * (math.sqrt(ratio) if rule == "sqrt" else ratio)
+
+
 def peak_lr(cfg: Config, global_batch: int) -> float:
-    return cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / BASE_BATCH
+    return cfg.lr if cfg.lr is not None else scaled_lr(cfg.base_lr, lr_scaling_rule(cfg), global_batch)
 
 
 def _param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> List[Dict]:
@@ -60,6 +78,14 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
     try:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                   **kernels)
+        if cfg.optimizer == "lamb":
+            # timm's LAMB clips the global gradient norm at 1 itself (its max_grad_norm), as the paper does.
+            return timm.optim.Lamb(groups, lr=lr, **kernels)
+        if cfg.optimizer == "lars":
+            # Parameters without weight decay (norms, biases) get plain momentum SGD: timm's LARS adapts
+            # a parameter's step by its trust ratio only where it decays it, as You et al. exclude them.
+            return timm.optim.Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                    **kernels)
         return torch.optim.AdamW(groups, lr=lr, **kernels)
     except (RuntimeError, TypeError, ValueError) as e:
