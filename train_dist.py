@@ -277,7 +277,7 @@ def plan_run(cfg: Config, info: DistInfo, train_loader: Any, resumed: Optional[R
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     num_classes = cfg.num_classes or train_loader.num_classes
     if steps_per_epoch == 0:
-        largest = train_loader.num_samples // (info.world_size * cfg.accum_steps)
+        largest = train_loader.rank_samples // cfg.accum_steps
         raise ConfigError(f"batch_size: {train_loader.num_samples} training images give each process "
                           f"{len(train_loader)} full batches of {cfg.batch_size}, fewer than the {cfg.accum_steps} "
                           f"of one optimizer step; use --batch-size {largest} or less")
@@ -362,13 +362,17 @@ def describe_run(cfg: Config, info: DistInfo, run: RunSettings, trainer: Trainer
         f"{info.device.type} ({info.launcher}, {info.backend or 'no process group'}); "
         f"run folder {cfg.run_dir()}; restart count {restart_count()}")
     processes = f"{info.world_size} process" + ("es" if info.world_size > 1 else "")
+    repeats = ""
+    if train_loader.aug_repeats > 1:
+        repeats = (f"repeated augmentation x{train_loader.aug_repeats} ({train_loader.rank_samples} samples "
+                   f"per process per epoch), ")
     say(f"batch {cfg.batch_size} per process x {processes} x {cfg.accum_steps} accumulated = "
         f"{plan.global_batch} global; {cfg.optimizer}, peak lr {plan.peak_lr:.4g}"
         f"{'' if cfg.lr is not None else f' ({lr_scaling_rule(cfg)} scaling of {cfg.base_lr:g} per 256)'}; "
         f"amp {run.amp_dtype or 'off'}; channels_last {run.channels_last}; "
         f"compile {cfg.compile_backend if cfg.compile else 'off'}; "
         f"optimizer kernels {kernels_in_use(trainer.optimizer)}; "
-        f"{train_loader.num_samples} train / {val_loader.num_samples} val images, "
+        f"{train_loader.num_samples} train / {val_loader.num_samples} val images, {repeats}"
         f"{run.workers} loader worker{'s' if run.workers != 1 else ''} per process, decoded by "
         f"{'the loader workers' if run.decode_on is None else run.decode_on.type}; "
         f"{plan.steps_per_epoch} steps per epoch")

@@ -22,7 +22,11 @@ from .sample import (MAX_REPLACEMENTS, EvalSampleTransform, Sample, TrainSampleT
 
 class TrainFolderDataset(Dataset):
     """Key (epoch, index): the crop, flip and augmentation come from a generator seeded by
-    (seed, epoch, index), so the sample's pixels do not depend on which worker made them."""
+    (seed, epoch, index), so the sample's pixels do not depend on which worker made them.
+
+    Key (epoch, index, copy), from repeated augmentation: copy c > 0 of an index seeds its generator
+    with (seed, epoch, index, c), so the copies of one image in one epoch are augmented differently;
+    copy 0 is the sample (epoch, index)."""
 
     def __init__(self, table: SampleTable, transform: TrainSampleTransform, seed: int):
         self.table = table
@@ -32,9 +36,9 @@ class TrainFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
-        epoch, index = key
-        generator = key_generator(SAMPLE, self.seed, epoch, index)
+    def __getitem__(self, key: tuple[int, ...]) -> Sample:
+        epoch, index, copy = (*key, 0) if len(key) == 2 else key
+        generator = key_generator(SAMPLE, self.seed, epoch, index, *((copy,) if copy else ()))
         transform = self.transform.at_epoch(epoch)
         failures: list[tuple[str, str]] = []
         while len(failures) < MAX_REPLACEMENTS:

@@ -27,7 +27,7 @@ from .index import Source, read_source
 from .layouts import DataLayoutError, SampleTable
 from .rng import WORKERS, key_seed
 from .sample import Sample
-from .samplers import EvalBatchSampler, TrainBatchSampler
+from .samplers import EvalBatchSampler, RepeatAugBatchSampler, TrainBatchSampler
 from .shard_stream import ShardEpoch, ShardEvalStream, ShardTrainStream
 from .shard_index import ShardIndex
 from .transforms import EvalTransform, TrainTransform
@@ -236,17 +236,22 @@ class TrainLoader(_Loader):
     folders the batches are a pure function of (seed, epoch, batch index), whatever ``workers`` is;
     from shards also of the worker count and world size (see data/shard_stream.py). With
     ``decode_on`` set, ``decoder`` is the ``DeviceDecoder`` (its ``counts`` say where images were
-    decoded) and the images arrive on its device."""
+    decoded) and the images arrive on its device. ``rank_samples``: the samples this rank draws per
+    epoch before they are cut into batches; ``aug_repeats``: the copies of each image in an epoch's
+    stream (1: none)."""
 
     unreadable_fate = "replaced by another sample"
 
     def __init__(self, dataloader: DataLoader, sampler, classes: Sequence[str], num_samples: int,
-                 batch_size: int, transform: TrainTransform, decoder: DeviceDecoder | None = None):
+                 batch_size: int, transform: TrainTransform, decoder: DeviceDecoder | None = None, *,
+                 rank_samples: int, aug_repeats: int = 1):
         super().__init__(dataloader, classes, len(sampler), decoder)
         self.sampler = sampler
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.transform = transform
+        self.rank_samples = rank_samples
+        self.aug_repeats = aug_repeats
 
     def size_at(self, epoch: int) -> int:
         """The image size of epoch ``epoch``'s batches (it changes between epochs with progressive resizing)."""
@@ -287,6 +292,7 @@ def build_train_loader(
     seed: int = 0,
     pin_memory: bool = False,
     decode_on: torch.device | str | None = None,
+    aug_repeats: int = 1,
     options: LoaderOptions | None = None,
 ) -> TrainLoader:
     """The training loader for a dataset folder (any layout ``data.layouts`` reads) or a folder of
@@ -304,11 +310,16 @@ def build_train_loader(
     ``decode_on=`` a device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or ``"auto"``
     for the current CUDA device, else the CPU): the workers only read the files and draw the crops,
     that device decodes and resizes each batch, and the images arrive there (see
-    data/device_decode.py). ``options``: ``LoaderOptions``, the settings few callers change."""
+    data/device_decode.py). ``aug_repeats=R`` > 1: repeated augmentation, each image R times per
+    epoch, differently augmented, on R different ranks (``RepeatAugBatchSampler``: DeiT's and timm's
+    sampling and epoch length; folders only). ``options``: ``LoaderOptions``, the settings few
+    callers change."""
     options = options or LoaderOptions()
     _check_args(transform, TrainTransform, batch_size, workers)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if isinstance(aug_repeats, bool) or not isinstance(aug_repeats, int) or aug_repeats < 1:
+        raise ValueError(f"aug_repeats must be an integer >= 1 (1: no repeats), got {aug_repeats!r}")
     check_decode_on(decode_on)
     worker_transform, collate_fn = transform, collate
     if decode_on is not None:
@@ -316,6 +327,10 @@ def build_train_loader(
     source = _source_of(data, options.split, "train")
     workers_on = dict(workers=workers, pin_memory=pin_memory, seed=seed, rank=rank)
     if isinstance(source, ShardIndex):
+        if aug_repeats > 1:
+            raise ValueError(f"aug_repeats: repeated augmentation ({aug_repeats}) needs an image folder; tar "
+                             f"shards are streamed in their own order, so their copies of an image cannot be "
+                             f"dealt to different ranks; use --aug-repeats 1 or train from the unpacked folder")
         epoch = ShardEpoch(source.num_samples // (batch_size * world_size))
         if len(epoch) == 0:
             raise ValueError(f"{source.num_samples} training samples are fewer than one global batch "
@@ -324,15 +339,21 @@ def build_train_loader(
                                   world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer,
                                   epoch=epoch, collate=collate_fn)
         dataloader = _dataloader(stream, options, **workers_on)
-        sampler, num_samples = epoch, source.num_samples
+        sampler, num_samples, rank_samples = epoch, source.num_samples, source.num_samples // world_size
     else:
-        sampler = TrainBatchSampler(len(source), batch_size, rank, world_size, seed)
+        if aug_repeats > 1:
+            sampler = RepeatAugBatchSampler(len(source), batch_size, rank, world_size, seed, aug_repeats)
+            rank_samples = sampler.rank_samples
+        else:
+            sampler = TrainBatchSampler(len(source), batch_size, rank, world_size, seed)
+            rank_samples = len(source) // world_size
         dataloader = _dataloader(TrainFolderDataset(source, worker_transform, seed), options, batch_sampler=sampler,
                                  collate_fn=collate_fn, **workers_on)
         num_samples = len(source)
     # Built after the layout checks and before any worker starts: a device that cannot decode fails here.
     decoder = None if decode_on is None else DeviceDecoder(transform, resolve_device(decode_on))
-    return TrainLoader(dataloader, sampler, source.classes, num_samples, batch_size, transform, decoder)
+    return TrainLoader(dataloader, sampler, source.classes, num_samples, batch_size, transform, decoder,
+                       rank_samples=rank_samples, aug_repeats=aug_repeats)
 
 
 def build_eval_loader(

@@ -53,6 +53,7 @@ def test_cli_types_and_booleans():
     ("epochs: 0\n", ["epochs must be positive"]),
     ("- 1\n- 2\n", ["mapping"]),
     ("label_smoothing: 1.5\n", ["label_smoothing", "[0, 1)"]),
+    ("aug_repeats: 0\n", ["aug_repeats must be at least 1", "got 0"]),
     ("recipe: fancy\n", ["recipe", "fancy", "paper"]),
 ])
 def test_bad_file_values_name_the_key(tmp_path, text, words):

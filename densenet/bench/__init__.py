@@ -7,6 +7,8 @@
     python -m densenet.bench pipeline ...   # one loader worker: our decode + augmentation vs torchvision's
     python -m densenet.bench decoders ...   # torchcodec vs torchvision vs PIL JPEG decoding
     python -m densenet.bench index ...      # the data index at ImageNet's size vs ImageFolder
+    python -m densenet.bench plan ...       # a recipe's schedule on N GPUs, its images, pixels and GPU-hours
+    python -m densenet.bench recipes ...    # --recipe fast and LARS at 8x the batch against the paper's recipe
     python -m densenet.bench --help     # every benchmark and its options
 
 Each benchmark prints a table with ratios to a reference row and the spread over repeats, and can

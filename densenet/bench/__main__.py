@@ -11,7 +11,7 @@ from typing import List, Optional
 from . import __doc__ as package_doc
 
 # Each benchmark module provides add_parser(subparsers) and child(payload) for its fresh processes.
-BENCHMARKS = ("step", "e2e", "gpu_check", "loader", "pipeline", "decoders", "index")
+BENCHMARKS = ("step", "e2e", "gpu_check", "loader", "pipeline", "decoders", "index", "plan", "recipes")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -138,6 +138,8 @@ class Config:
                        ("cpu", "device"))
     auto_augment: Optional[str] = _opt(None, "timm augmentation policy, e.g. rand-m9-mstd0.5")
     random_erasing: float = _opt(0.0, "random erasing probability")
+    aug_repeats: int = _opt(1, "repeated augmentation: each training image this many times per epoch, differently "
+                            "augmented, on different processes (DeiT's RASampler; 1 = off; image folders only)")
 
     # --- speed and numerics
     device: str = _opt("auto", "device type: CUDA when available, else the CPU", ("auto", "cuda", "cpu"))
@@ -465,6 +467,8 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive (or null), got {value}")
+    if cfg.aug_repeats < 1:
+        raise ConfigError(f"aug_repeats must be at least 1 (1 = each image once per epoch), got {cfg.aug_repeats}")
     if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"workers must not be negative, got {cfg.workers}")
     if cfg.dist_timeout <= 0:

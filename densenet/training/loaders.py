@@ -34,7 +34,8 @@ def build_loaders(cfg: Config, info: DistInfo, run: RunSettings, indexes: Dict[s
                                        random_erasing=cfg.random_erasing, sizes_by_epoch=train_sizes_of(cfg))
             train_loader = build_train_loader(indexes["train"].source, transform, batch_size=cfg.batch_size,
                                               workers=run.workers, rank=info.rank, world_size=info.world_size,
-                                              seed=cfg.seed, pin_memory=run.pin_memory, decode_on=run.decode_on)
+                                              seed=cfg.seed, pin_memory=run.pin_memory, decode_on=run.decode_on,
+                                              aug_repeats=cfg.aug_repeats)
         except ValueError as e:  # an augmentation policy or setting the transforms do not know
             raise ConfigError(str(e)) from None
         return train_loader, eval_loader(cfg, info, run, indexes["val"].source)
