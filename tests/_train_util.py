@@ -58,6 +58,38 @@ def run(args: Sequence[str], nproc: int = 1, timeout: float = 240) -> subprocess
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
+# A backend that records each graph torch.compile hands it and runs the graph as captured: Dynamo's
+# guards and recompilation decisions are the same as under inductor, without its code generation.
+COUNTING_RUN = """
+import sys
+from torch._dynamo import register_backend
+graphs = []
+
+@register_backend
+def counting(gm, example_inputs):
+    # the batch of images: the largest 4-d input with 3 channels (the stem's weights are one too)
+    images = [x for x in example_inputs if getattr(x, "ndim", 0) == 4 and x.shape[1] == 3]
+    graphs.append(tuple(max(images, key=lambda x: x.numel()).shape) if images else None)
+    return gm.forward
+
+import train_dist
+status = train_dist.main(sys.argv[1:])
+print("GRAPHS", len(graphs), sorted(s[-1] for s in graphs if s), flush=True)
+sys.exit(status)
+"""
+
+
+def compiled_graphs(args: Sequence[str]) -> tuple:
+    """Run train_dist.py (one process) with ``args`` under the counting backend (``--compile
+    --compile-backend counting``): (graphs compiled, the image size of each, sorted; the output)."""
+    proc = subprocess.run([sys.executable, "-c", COUNTING_RUN, *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    match = re.search(r"^GRAPHS (\d+) \[(.*)\]$", proc.stdout, re.M)
+    assert match, proc.stdout
+    return int(match.group(1)), [int(s) for s in match.group(2).split(",") if s.strip()], proc.stdout
+
+
 class Background:
     """A training run in the background whose output goes to a file we can watch."""
 

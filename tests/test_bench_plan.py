@@ -21,7 +21,7 @@ def test_paper_recipe_on_eight_gpus_is_the_papers_schedule():
 
 def test_fast_recipe_on_64_gpus_trains_on_fewer_pixels_and_costs_them_out():
     row = plan(["--arch", "densenet121", "--recipe", "fast"], gpus=64, throughput=1000.0)
-    assert row["global_batch"] == 2048 and row["peak_lr"] == pytest.approx(0.8)  # linear: 0.1 x 2048 / 256
+    assert row["global_batch"] == 2048 and row["peak_lr"] == pytest.approx(3.2)  # linear: 0.4 x 2048 / 256
     assert row["epochs"] == 40 and row["steps"] == 40 * (IMAGENET_TRAIN // 2048)
     assert row["train_sizes"] == "160 px x 31, 192 px x 3, 224 px x 6"
     per_epoch = IMAGENET_TRAIN // 2048 * 2048

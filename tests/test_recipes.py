@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from _train_util import REPO, TINY, Background, assert_same_training_state, demo_root, env, load, run
+from _train_util import TINY, Background, assert_same_training_state, compiled_graphs, demo_root, load, run
 from densenet.training.config import ConfigError, eval_crop_size, parse_config, train_sizes_of
 from densenet.training.optim import build_optimizer, peak_lr
 from densenet.training.resolution import image_pixels, train_sizes
@@ -43,6 +41,7 @@ def test_lamb_and_lars_come_from_timm_with_warmup_and_no_decay_on_norms_and_bias
         decay, no_decay = opt.param_groups
         assert decay["weight_decay"] == cfg.weight_decay > 0 and no_decay["weight_decay"] == 0.0
         assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
+    assert parse_config(["--data", "demo", "--optimizer", "lars"]).base_lr == 0.3  # SimCLR's, per 256
     # a recipe, a file or a flag wins over what the optimizer brings
     assert parse_config(["--data", "demo", "--optimizer", "lamb", "--warmup-epochs", "1"]).warmup_epochs == 1.0
 
@@ -177,25 +176,6 @@ def test_recipe_resumes_bitwise_across_warmup_end_and_size_change(tmp_path, reci
     print(f"\n{recipe}: stopped at step {stops}, resumed each time, bitwise equal to one go at step {final}")
 
 
-COUNTING_RUN = """
-import sys
-from torch._dynamo import register_backend
-graphs = []
-
-@register_backend
-def counting(gm, example_inputs):
-    # the batch of images: the largest 4-d input with 3 channels (the stem's weights are one too)
-    images = [x for x in example_inputs if getattr(x, "ndim", 0) == 4 and x.shape[1] == 3]
-    graphs.append([tuple(max(images, key=lambda x: x.numel()).shape)] if images else [])
-    return gm.forward
-
-import train_dist
-status = train_dist.main(sys.argv[1:])
-print("GRAPHS", len(graphs), sorted(s[0][-1] for s in graphs if s), flush=True)
-sys.exit(status)
-"""
-
-
 @pytest.mark.slow
 def test_compile_makes_one_graph_per_training_size_also_after_a_resume(tmp_path):
     """Sizes 32, 40, 48 (epochs 1-2, 3, 4 of 4; 10 steps each): three graphs, static each; a run
@@ -204,17 +184,30 @@ def test_compile_makes_one_graph_per_training_size_also_after_a_resume(tmp_path)
     args = COMMON + ["--batch-size", "50", "--image-size", "48", "--train-size-start", "0.67", "--train-size-multiple", "8",
                      "--train-size-ramp", "0.25", "0.75", "--compile", "--compile-backend", "counting",
                      "--data", str(data), "--output-dir", str(tmp_path / "run")]
-
-    def counted(extra):
-        proc = subprocess.run([sys.executable, "-c", COUNTING_RUN, *args, *extra], cwd=REPO, env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout
-        match = re.search(r"^GRAPHS (\d+) (.*)$", proc.stdout, re.M)
-        assert match, proc.stdout
-        return int(match.group(1)), match.group(2), proc.stdout
-
-    count, sizes, log = counted(["--max-steps", "35"])
+    count, sizes, log = compiled_graphs(args + ["--max-steps", "35"])
     assert re.findall(r"training at (\d+) px", log) == ["32", "40", "48"], log
-    assert (count, sizes) == (3, "[32, 40, 48]"), log
-    count, sizes, log = counted([])
-    assert "resumed from" in log and (count, sizes) == (1, "[48]"), log
+    assert (count, sizes) == (3, [32, 40, 48]), log
+    count, sizes, log = compiled_graphs(args)
+    assert "resumed from" in log and (count, sizes) == (1, [48]), log
+
+
+def test_a_resume_keeps_the_peak_lr_an_older_checkpoint_scaled_linearly(capsys):
+    """AdamW used to scale linearly; now the square root. A checkpoint written before lr_scaling
+    existed keeps its peak lr on resume instead of changing it mid-run, and says so."""
+    import torch as _torch
+
+    import train_dist
+    from densenet.training.checkpoint import Progress, Resumed
+    from densenet.training.distributed import DistInfo
+
+    cfg = parse_config(["--data", "demo", "--optimizer", "adamw", "--base-lr", "0.001"])
+    old = {k: v for k, v in cfg.__dict__.items() if k not in ("lr_scaling", "_given")}
+    progress = Progress(world_size=8, batch_size=128).to_dict()
+    resumed = Resumed(path=None, state={"config": old, "progress": progress})
+    info = DistInfo(0, 1, 0, _torch.device("cpu"), None, "single")
+    kept = train_dist.keep_checkpoint_lr(cfg, resumed, 1024, info)
+    assert kept.lr == pytest.approx(0.001 * 1024 / 256)  # linear, as the checkpoint's run had it
+    assert "peak lr came from the linear scaling rule" in capsys.readouterr().out
+    # the same config written with the rule recorded: nothing to keep
+    resumed.state["config"]["lr_scaling"] = "auto"
+    assert train_dist.keep_checkpoint_lr(cfg, resumed, 1024, info).lr is None

@@ -37,15 +37,15 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="module")
-def slurm(request):
-    reason = why_unavailable()
+def _cluster(request, reason, prefix, hosts=None):
+    """A LocalSlurm for a test module, stopped at its end; its files are kept when a test failed.
+    Skipped where it cannot run (``reason``), which in CI is a failure instead."""
     if reason:
         if _in_ci():
             pytest.fail(f"CI must run the SLURM tests, but: {reason}")
         pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="densenet-slurm-"))
-    cluster = LocalSlurm(root)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = LocalSlurm(root, hosts=hosts)
     failed_before = request.session.testsfailed
     try:
         cluster.start()
@@ -59,26 +59,19 @@ def slurm(request):
 
 
 @pytest.fixture(scope="module")
+def slurm(request):
+    yield from _cluster(request, why_unavailable(), "densenet-slurm-")
+
+
+@pytest.fixture(scope="module")
 def slurm_two_hosts(request):
     """Two simulated hosts (network namespaces, tests/netns_cluster.py), a slurmd on each."""
     reason = why_unavailable() or netns_unavailable()
     if reason:
-        if _in_ci():
-            pytest.fail(f"CI must run the two-host SLURM tests, but: {reason}")
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="densenet-slurm2-"))
-    failed_before = request.session.testsfailed
+        yield from _cluster(request, reason, "densenet-slurm2-")
+        return
     with NetnsCluster(["node1", "node2"]) as hosts:
-        cluster = LocalSlurm(root, hosts=hosts)
-        try:
-            cluster.start()
-            yield cluster
-        finally:
-            cluster.stop()
-    if request.session.testsfailed == failed_before:
-        shutil.rmtree(root, ignore_errors=True)
-    else:
-        print(f"\nSLURM configuration and daemon logs kept in {root}")
+        yield from _cluster(request, None, "densenet-slurm2-", hosts)
 
 
 @pytest.fixture
@@ -103,6 +96,31 @@ def submit(slurm: LocalSlurm, workdir: Path, script: str, sbatch_args: list[str]
     return int(out.stdout.strip().split(";")[0])
 
 
+def requeued_then_finished(slurm: LocalSlurm, job_id: int, what: str, explain, after=lambda: None):
+    """Waits for the job to requeue itself (``what`` names that wait), calls ``after()`` once its
+    nodes are idle, starts it again at once and waits for its end. Returns (the finished job's
+    scontrol fields, the time.monotonic() at which the requeue was seen)."""
+    def requeued():
+        info = job_info(slurm, job_id)
+        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
+
+    wait_until(requeued, 120, what, explain)
+    requeued_at = time.monotonic()
+    wait_until(lambda: slurm.node_state() == "idle", 60, "the nodes to be idle again", explain)
+    after()
+    # A requeued job waits about two minutes before it may start again. Skip most of the wait,
+    # but not all: slurmd revokes the old run's credential at the requeue, to the second, and
+    # refuses (for good: the job fails) a start within that same second.
+    time.sleep(2)
+    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+
+    def ended():
+        info = job_info(slurm, job_id)
+        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    return wait_until(ended, 240, "the requeued job to finish", explain), requeued_at
+
+
 def preempt_and_finish(slurm: LocalSlurm, workdir: Path, job_id: int, run_dir: Path) -> dict:
     """Warns the job once training is under way, lets it requeue and run to the end.
     Returns what happened, for the assertions."""
@@ -115,24 +133,7 @@ def preempt_and_finish(slurm: LocalSlurm, workdir: Path, job_id: int, run_dir: P
                f"training to pass step {SIGNAL_AFTER_STEP}", explain)
     # What --signal=B:USR1@N does at N seconds before the time limit: USR1 to the batch shell only.
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
-
-    def requeued():
-        info = job_info(slurm, job_id)
-        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
-
-    wait_until(requeued, 120, "the job to requeue itself", explain)
-    # A requeued job waits about two minutes before it may start again. Skip most of the wait,
-    # but not all: slurmd revokes the old run's credential at the requeue, to the second, and
-    # refuses (for good: the job fails) a start within that same second.
-    wait_until(lambda: slurm.node_state() == "idle", 60, "the node to be idle again", explain)
-    time.sleep(2)
-    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
-
-    def ended():
-        info = job_info(slurm, job_id)
-        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-    final = wait_until(ended, 240, "the requeued job to finish", explain)
+    final, _ = requeued_then_finished(slurm, job_id, "the job to requeue itself", explain)
     return {"job": final, "log": log.read_text(errors="replace"), "metrics": read_metrics(run_dir),
             "explain": explain()}
 
@@ -249,6 +250,19 @@ def saved_at(log: str, step: int) -> bool:
     return re.search(rf"^saved last\.pt.* step {step}\)$", log, re.MULTILINE) is not None
 
 
+def check_lost_peer_requeue(job: dict, log: str, metrics: list[dict], fault_step: int, explain) -> int:
+    """The job requeued itself once on status 5, resumed from a checkpoint saved before the fault
+    (at step ``fault_step``) and trained to the end; returns the step it resumed from."""
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", explain()
+    assert "another process of the run was lost (status 5" in log and "requeueing job" in log, explain()
+    resumed, _ = resumes(metrics, MAX_STEPS)
+    assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
+    resumed_from = resumed[0]["from_step"]
+    assert CKPT_EVERY <= resumed_from <= fault_step and saved_at(log, resumed_from), (resumed_from, fault_step)
+    assert last_train_step(metrics) == MAX_STEPS, explain()
+    return resumed_from
+
+
 def _training_worker(rank: int, job_id: int) -> int | None:
     """The pid of the training process of global rank ``rank`` in job ``job_id``, from /proc."""
     for entry in Path("/proc").iterdir():
@@ -290,33 +304,16 @@ def test_multi_node_script_requeues_when_a_rank_freezes(slurm, workdir, capsys):
     frozen_at = time.monotonic()
     frozen_step = last_train_step(read_metrics(run_dir))
 
-    def requeued():
-        info = job_info(slurm, job_id)
-        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
+    def victim_gone():
+        assert not pid_alive(victim), f"the frozen training process {victim} outlived its job"
 
-    wait_until(requeued, 120, "the job to requeue itself after the frozen rank", explain)
-    requeued_after = time.monotonic() - frozen_at
-    wait_until(lambda: slurm.node_state() == "idle", 60, "the node to be idle again", explain)
-    assert not pid_alive(victim), f"the frozen training process {victim} outlived its job"
-    time.sleep(2)  # see preempt_and_finish
-    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
-
-    def ended():
-        info = job_info(slurm, job_id)
-        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-    job = wait_until(ended, 240, "the requeued job to finish", explain)
-    log, metrics = log_path.read_text(errors="replace"), read_metrics(run_dir)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", explain()
+    job, requeued_at = requeued_then_finished(slurm, job_id, "the job to requeue itself after the frozen rank",
+                                              explain, after=victim_gone)
+    requeued_after = requeued_at - frozen_at
+    log = log_path.read_text(errors="replace")
+    resumed_from = check_lost_peer_requeue(job, log, read_metrics(run_dir), frozen_step, explain)
     assert "lost contact with the other processes of the run" in log, explain()
     assert "torchrun ended with status 1; the training processes with status 5" in log, explain()
-    assert "another process of the run was lost (status 5" in log and "requeueing job" in log, explain()
-    # The requeued job resumed from the newest checkpoint before the freeze and trained to the end.
-    resumed, _ = resumes(metrics, MAX_STEPS)
-    assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
-    resumed_from = resumed[0]["from_step"]
-    assert CKPT_EVERY <= resumed_from <= frozen_step and saved_at(log, resumed_from), (resumed_from, frozen_step)
-    assert last_train_step(metrics) == MAX_STEPS, explain()
     assert requeued_after < timeout_s + 30, f"requeued {requeued_after:.1f} s after the freeze"
     with capsys.disabled():
         print(f"\nfrozen rank, job {job_id}: frozen at step {frozen_step}, job requeued {requeued_after:.1f} s later "
@@ -374,30 +371,10 @@ def test_multi_node_script_on_two_hosts_requeues_when_a_host_is_cut_off(slurm_tw
         noticed_after = time.monotonic() - cut_at
     finally:
         slurm.hosts.restore("node2")
-
-    def requeued():
-        info = job_info(slurm, job_id)
-        return info if info.get("Restarts") == "1" and info["JobState"] in ("PENDING", "REQUEUED") else None
-
-    wait_until(requeued, 120, "the job to requeue itself", explain)
-    requeued_after = time.monotonic() - cut_at
-    wait_until(lambda: slurm.node_state() == "idle", 60, "the nodes to be idle again", explain)
-    time.sleep(2)  # see preempt_and_finish
-    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
-
-    def ended():
-        info = job_info(slurm, job_id)
-        return info if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-    job = wait_until(ended, 240, "the requeued job to finish", explain)
-    log, metrics = log_path.read_text(errors="replace"), read_metrics(run_dir)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", explain()
-    assert "another process of the run was lost (status 5" in log and "requeueing job" in log, explain()
-    resumed, _ = resumes(metrics, MAX_STEPS)
-    assert len(resumed) == 1 and resumed[0]["restart_count"] == 1, resumed
-    resumed_from = resumed[0]["from_step"]
-    assert CKPT_EVERY <= resumed_from <= cut_step and saved_at(log, resumed_from), (resumed_from, cut_step)
-    assert last_train_step(metrics) == MAX_STEPS, explain()
+    job, requeued_at = requeued_then_finished(slurm, job_id, "the job to requeue itself", explain)
+    requeued_after = requeued_at - cut_at
+    resumed_from = check_lost_peer_requeue(job, log_path.read_text(errors="replace"), read_metrics(run_dir),
+                                           cut_step, explain)
     assert noticed_after < timeout_s + 25, f"node1 gave up {noticed_after:.1f} s after the cut"
     with capsys.disabled():
         print(f"\nnode2 cut off, job {job_id}: cut at step {cut_step}; node1 gave up {noticed_after:.1f} s later "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from _train_util import REPO, TINY, demo_root, env
+from _train_util import REPO, TINY, compiled_graphs, demo_root, env
 from densenet.training.config import ConfigError, parse_config
 from densenet.training.distributed import DistInfo
 from densenet.training.engine import compile_model
@@ -120,25 +119,6 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     assert sum(kept[-3:]) < pages // 100, kept  # kept: after a few passes the heap is reused as it is
 
 
-# A backend that records each graph torch.compile hands it and runs the graph as captured: Dynamo's
-# guards and recompilation decisions are the same as under inductor, without its code generation.
-COUNTING_RUN = textwrap.dedent("""
-    import sys
-    from torch._dynamo import register_backend
-    graphs = []
-
-    @register_backend
-    def counting(gm, example_inputs):
-        graphs.append([tuple(x.shape) for x in example_inputs if hasattr(x, "shape")][:1])
-        return gm.forward
-
-    import train_dist
-    status = train_dist.main(sys.argv[1:])
-    print("GRAPHS", len(graphs), graphs, flush=True)
-    sys.exit(status)
-""")
-
-
 @pytest.mark.slow
 def test_compile_happens_once_across_epochs_evaluation_and_resume(tmp_path):
     data = demo_root(tmp_path)
@@ -146,20 +126,12 @@ def test_compile_happens_once_across_epochs_evaluation_and_resume(tmp_path):
     args = TINY + ["--data", str(data), "--output-dir", str(out), "--batch-size", "50", "--epochs", "3",
                    "--compile", "--compile-backend", "counting", "--log-every", "5", "--ckpt-every", "0"]
 
-    def run(extra):
-        proc = subprocess.run([sys.executable, "-c", COUNTING_RUN, *args, *extra], cwd=REPO, env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout
-        match = re.search(r"^GRAPHS (\d+) (.*)$", proc.stdout, re.M)
-        assert match, proc.stdout
-        return int(match.group(1)), match.group(2), proc.stdout
-
     # 10 steps per epoch: epoch 1, its evaluation, then stop 5 steps into epoch 2 (and evaluate again)
-    count, shapes, log = run(["--max-steps", "15"])
+    count, shapes, log = compiled_graphs(args + ["--max-steps", "15"])
     assert "compile counting" in log and "epoch 1/3 done" in log and "epoch 2/3 stopped" in log
     assert count == 1, f"expected one training graph, got {count}: {shapes}"
     # resume in the middle of epoch 2 and finish epoch 3: one graph again, compiled for the new process
-    count, shapes, log = run([])
+    count, shapes, log = compiled_graphs(args)
     assert "resumed from" in log and "epoch 3/3 done" in log
     assert count == 1, f"expected one training graph after the resume, got {count}: {shapes}"
 

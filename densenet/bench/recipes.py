@@ -40,7 +40,8 @@ def _runs(args: argparse.Namespace) -> List[Dict[str, Any]]:
         {"name": "paper", "flags": ["--recipe", "paper", "--batch-size", str(batch)]},
         {"name": "fast", "flags": ["--recipe", "fast", "--batch-size", str(batch),
                                    "--train-size-multiple", str(args.size_multiple)]},
-        {"name": "lars 8x batch", "flags": ["--optimizer", "lars", "--batch-size", str(8 * batch)]},
+        {"name": "lars 8x batch", "flags": ["--optimizer", "lars", "--batch-size", str(8 * batch),
+                                            *(["--lr", str(args.lars_lr)] if args.lars_lr else [])]},
     ]
 
 
@@ -70,13 +71,16 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="densenet-recipes-"))
     data = args.root or "demo"
+    extra = [a for a in args.train_args if a != "--"]
     common = ["--data", data, "--arch", args.arch, "--image-size", str(args.image_size), "--workers",
               str(args.workers), "--seed", str(args.seed), "--log-every", "1000", "--wandb", "disabled",
-              "--ckpt-every", "0", "--keep-epochs", "0", *args.train_args]
+              "--ckpt-every", "0", "--keep-epochs", "0", *extra]
     train_images = _count_train_images(data)
     rows = []
     for spec in _runs(args):
         name = spec["name"]
+        if args.only and name.split()[0] not in args.only and name != "paper":
+            continue
         print(f"training {name} ...", flush=True)
         result = _train(spec["flags"], common, work / name.replace(" ", "-"), args.processes, args.timeout)
         schedule = plan([*common[2:], *spec["flags"]], args.processes, train_images)
@@ -125,6 +129,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=7200, help="seconds one run may take")
     p.add_argument("--work", help="where the runs go (default: a temporary folder, kept)")
+    p.add_argument("--lars-lr", type=float, help="the LARS run's peak lr (default: its 0.3 per 256 images, linear)")
+    p.add_argument("--only", nargs="+", choices=("fast", "lars"), help="these beside the paper's recipe (default: both)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="more train_dist.py flags for every run, after --")
     p.set_defaults(run=run)

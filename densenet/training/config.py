@@ -204,10 +204,12 @@ class Config:
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
     # Fewer epochs to the paper's accuracy: low resolution for most of the run, rising to the full one
-    # near the end (FFCV's ImageNet ResNet recipes), label smoothing, warmup + cosine, no decay on norms
-    # and biases. 40 epochs, the crop at 160/224 of --image-size until 74 % of the run, full size from 86 %.
+    # near the end (FFCV's ImageNet ResNet recipes), label smoothing, a higher peak lr reached in a
+    # short warmup, then cosine, no decay on norms and biases. 40 epochs, the crop at 160/224 of
+    # --image-size until 74 % of the run, full size from 86 %.
     "fast": {
         "epochs": 40,
+        "base_lr": 0.4,
         "lr_schedule": "cosine",
         "warmup_epochs": 2.0,
         "label_smoothing": 0.1,
@@ -250,10 +252,12 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 # or flag, which win): a gradual warmup (Goyal et al., arXiv 1706.02677; You et al., arXiv 1708.03888
 # and 1904.00962) and no weight decay on norms and biases, whose trust ratio would otherwise scale
 # their updates by their tiny norms. LAMB's decoupled-style decay is larger than SGD's (timm's
-# ResNet-strikes-back recipes, arXiv 2110.00476: 0.01-0.02).
+# ResNet-strikes-back recipes, arXiv 2110.00476: 0.01-0.02). LARS moves each layer by lr x 0.001 x
+# its weight norm, whatever the gradient's size, so its lr is larger than SGD's: SimCLR's 0.3 per
+# 256 images, scaled linearly (Chen et al., arXiv 2002.05709: 4.8 at 4,096).
 OPTIMIZER_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "lamb": {"warmup_epochs": 5.0, "weight_decay_norm_bias": False, "weight_decay": 0.02},
-    "lars": {"warmup_epochs": 5.0, "weight_decay_norm_bias": False},
+    "lars": {"warmup_epochs": 5.0, "weight_decay_norm_bias": False, "base_lr": 0.3},
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
