@@ -23,7 +23,7 @@ def test_peak_lr_follows_the_optimizers_scaling_rule(optimizer, rule):
     cfg = parse_config(["--data", "demo", "--optimizer", optimizer, "--base-lr", "0.1"])
     expected = 0.1 * (4096 / 256 if rule == "linear" else math.sqrt(4096 / 256))
     assert peak_lr(cfg, 4096) == pytest.approx(expected)
-    forced = parse_config(["--data", "demo", "--optimizer", optimizer, "--lr-base-scale", "linear"])
+    forced = parse_config(["--data", "demo", "--optimizer", optimizer, "--base-lr", "0.1", "--lr-base-scale", "linear"])
     assert peak_lr(forced, 4096) == pytest.approx(0.1 * 16)
 
 

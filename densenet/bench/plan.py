@@ -19,6 +19,7 @@ docs/benchmarks.md; this tool only multiplies them out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -48,16 +49,15 @@ def plan(train_args: Sequence[str], gpus: int, train_images: int = IMAGENET_TRAI
     sizes = train_sizes_of(cfg)[:cfg.epochs]
     steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     seen = steps * global_batch
+    pixels = image_pixels(sizes, steps_per_epoch * global_batch)
     row: Dict[str, Any] = {
         "arch": cfg.arch, "recipe": cfg.recipe, "optimizer": cfg.optimizer, "gpus": gpus, "global_batch": global_batch,
         "peak_lr": peak_lr(cfg, global_batch), "lr_rule": "as given" if cfg.lr is not None else lr_scaling_rule(cfg),
         "warmup_epochs": cfg.warmup_epochs, "schedule": cfg.lr_schedule, "epochs": cfg.epochs,
         "steps_per_epoch": steps_per_epoch, "steps": steps, "images_seen": seen,
         "train_sizes": _describe_sizes(sizes), "eval_size": eval_crop_size(cfg),
-        "image_pixels": image_pixels(sizes, steps_per_epoch * global_batch),
-        # the paper's 90 epochs at 224 px, the yardstick of the pixel column
-        "pixels_vs_paper": image_pixels(sizes, steps_per_epoch * global_batch) /
-        (90 * REFERENCE_SIZE ** 2 * steps_per_epoch * global_batch),
+        # the paper's 90 epochs at 224 px are the yardstick of the pixel column
+        "image_pixels": pixels, "pixels_vs_paper": pixels / (90 * REFERENCE_SIZE ** 2 * steps_per_epoch * global_batch),
     }
     if throughput:
         # seconds per epoch at each size: images / (throughput at 224 px x (224 / S)^2 x GPUs)
@@ -69,13 +69,7 @@ def plan(train_args: Sequence[str], gpus: int, train_images: int = IMAGENET_TRAI
 
 def _describe_sizes(sizes: Sequence[int]) -> str:
     """"160 px x 31, 192 px x 3, 224 px x 6": the epochs spent at each training crop, in order."""
-    runs: List[List[int]] = []
-    for s in sizes:
-        if runs and runs[-1][0] == s:
-            runs[-1][1] += 1
-        else:
-            runs.append([s, 1])
-    return ", ".join(f"{s} px x {n}" for s, n in runs)
+    return ", ".join(f"{size} px x {len(list(run))}" for size, run in itertools.groupby(sizes))
 
 
 def throughput_from_json(path: str, arch: str) -> float:

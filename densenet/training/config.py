@@ -527,7 +527,7 @@ def _validate_train_sizes(cfg: Config, smallest: int) -> None:
         return
     if not 0.0 < cfg.train_size_start < 1.0:
         raise ConfigError(f"train_size_start must be a fraction of image_size in (0, 1), got {cfg.train_size_start}")
-    start = first_train_size(cfg)
+    start = train_sizes_of(cfg)[0]
     if start < smallest:
         raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px is {start} px, too small "
                           f"for {cfg.arch} (at least {smallest} px); raise --train-size-start or --image-size")
@@ -535,11 +535,6 @@ def _validate_train_sizes(cfg: Config, smallest: int) -> None:
         raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px rounds to {start} px in "
                           f"steps of {cfg.train_size_multiple} px, so the size would never change; use a smaller "
                           f"--train-size-multiple (e.g. 8) or a larger --image-size")
-
-
-def first_train_size(cfg: Config) -> int:
-    """The training crop of the first epochs under progressive resizing (image_size without it)."""
-    return train_sizes_of(cfg)[0]
 
 
 def train_sizes_of(cfg: Config) -> Tuple[int, ...]:

@@ -54,10 +54,11 @@ def compile_model(model: nn.Module, backend: str, image_sizes: int = 1) -> nn.Mo
     """torch.compile once, for the whole run.
 
     Static shapes (dynamic=False): training batches all have the same size, so one graph serves
-    every step of every epoch at one image size (``image_sizes`` of them with progressive resizing:
-    one graph each, a static one rather than a slower shape-generic graph, and Dynamo's recompile
-    limit raised to hold them all instead of falling back to eager after its default few), and nothing that differs after a resume (the epoch, the sampler
-    position, loaded weights, the learning rate, which lives in the optimizer outside the graph)
+    every step of every epoch at one image size (with progressive resizing, ``image_sizes`` sizes:
+    a static graph each rather than a slower shape-generic one, and Dynamo's recompile limit raised
+    to hold them all instead of falling back to eager after its default few), and nothing that
+    differs after a resume (the epoch, the sampler position, loaded weights, the learning rate,
+    which lives in the optimizer outside the graph)
     reaches a guard. Only the training model is compiled: evaluation runs the plain module, so its
     eval-mode graph and its last, smaller batch never invalidate or add to the training graph.
     """
