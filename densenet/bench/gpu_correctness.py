@@ -57,6 +57,9 @@ class PremadeBatches:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start = start_batch
 
+    def size_at(self, epoch: int) -> int:
+        return self.images.shape[-1]
+
     def __len__(self) -> int:
         return self.batches
 
@@ -73,6 +76,9 @@ class FirstBatches:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.loader.set_epoch(epoch, start_batch)
+
+    def size_at(self, epoch: int) -> int:
+        return self.loader.size_at(epoch)
 
     def __len__(self) -> int:
         return self.n
