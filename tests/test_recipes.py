@@ -74,6 +74,8 @@ def test_fast_recipe_trains_small_then_full_size_and_evaluates_where_asked():
 @pytest.mark.parametrize("args, says", [
     (["--train-size-start", "1.5"], "train_size_start must be a fraction"),
     (["--train-size-start", "0.9", "--image-size", "64"], "--train-size-multiple"),
+    (["--train-size-start", "0.95", "--image-size", "64", "--train-size-multiple", "8"],
+     "never change; use a smaller --train-size-start or a larger --image-size"),
     (["--train-size-start", "0.3", "--image-size", "64", "--arch", "densenet_tiny", "--train-size-multiple", "8"],
      "too small"),
     (["--train-size-ramp", "0.8", "0.2"], "train_size_ramp"),

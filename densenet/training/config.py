@@ -532,9 +532,10 @@ def _validate_train_sizes(cfg: Config, smallest: int) -> None:
         raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px is {start} px, too small "
                           f"for {cfg.arch} (at least {smallest} px); raise --train-size-start or --image-size")
     if start >= cfg.image_size:
+        finer = "a smaller --train-size-multiple (e.g. 8), " if cfg.train_size_multiple > 8 else ""
         raise ConfigError(f"train_size_start: {cfg.train_size_start:g} of {cfg.image_size} px rounds to {start} px in "
-                          f"steps of {cfg.train_size_multiple} px, so the size would never change; use a smaller "
-                          f"--train-size-multiple (e.g. 8) or a larger --image-size")
+                          f"steps of {cfg.train_size_multiple} px, so the size would never change; use {finer}"
+                          f"a smaller --train-size-start or a larger --image-size")
 
 
 def train_sizes_of(cfg: Config) -> Tuple[int, ...]:
