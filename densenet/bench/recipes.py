@@ -1,21 +1,26 @@
 """The recipes for many GPUs against the paper's, on a tree small enough to train here.
 
-    python -m densenet.bench recipes                       # the built-in demo data at 64 px (~10 minutes on 2 cores)
+    python -m densenet.bench recipes                       # the built-in demo data at 64 px (~6 minutes a seed on 2 cores)
+    python -m densenet.bench recipes --seeds 0 1 --lars-lr 0.075 1.0   # LARS at its lr for 64 images and at 1.0
     python -m densenet.bench recipes --root /data/imagenet-100 --arch densenet121 --image-size 160 --processes 8
 
-Three real train_dist.py runs from scratch, each to its end, on the same data:
+Real train_dist.py runs from scratch, each to its end, on the same data:
 
 1. ``--recipe paper``: the paper's 90 epochs, SGD, lr 0.1 per 256 images, /10 at epochs 30 and 60;
 2. ``--recipe fast``: 40 epochs, the crop at 160/224 of --image-size rising to the full size near the
    end (progressive resizing), label smoothing, warmup + cosine;
-3. ``--optimizer lars`` at 8 x the global batch: the paper's schedule otherwise, lr scaled linearly
+3. ``--recipe fast`` at the full size throughout (``--train-size-start null``): the same schedule
+   without progressive resizing, which tells what the smaller crops cost on this tree;
+4. ``--optimizer lars`` at 8 x the global batch: the paper's schedule otherwise, lr scaled linearly
    (8 x), LARS's 5 warmup epochs, no weight decay on norms and biases.
 
 It reports each run's final and best validation top-1, the image-pixels it trained on (the sum over
 its steps of batch x crop^2, from the trainer's own schedule) and its wall-clock time, and the
 differences to the paper's recipe: the claim is the fast recipe's top-1 within one point of the
-paper's with fewer pixels, and LARS at 8 x the batch within one point too. On the demo data (100
-validation images) one point is one image: read the figures with that in mind.
+paper's with fewer pixels, and LARS at 8 x the batch within one point too. With several ``--seeds``
+every run is repeated per seed and the table gives each seed's final top-1 and their mean, since on a
+small tree two seeds of one recipe can end many points apart. On the demo data (100 validation
+images) one point is one image: read the figures with that in mind.
 """
 from __future__ import annotations
 
@@ -40,8 +45,12 @@ def _runs(args: argparse.Namespace) -> List[Dict[str, Any]]:
         {"name": "paper", "flags": ["--recipe", "paper", "--batch-size", str(batch)]},
         {"name": "fast", "flags": ["--recipe", "fast", "--batch-size", str(batch),
                                    "--train-size-multiple", str(args.size_multiple)]},
-        {"name": "lars 8x batch", "flags": ["--optimizer", "lars", "--batch-size", str(8 * batch),
-                                            *(["--lr", str(args.lars_lr)] if args.lars_lr else [])]},
+        {"name": "fast full size", "flags": ["--recipe", "fast", "--batch-size", str(batch),
+                                             "--train-size-start", "null"]},
+    ] + [
+        {"name": "lars 8x batch" + (f", lr {lr:g}" if lr else ""),
+         "flags": ["--optimizer", "lars", "--batch-size", str(8 * batch), *(["--lr", str(lr)] if lr else [])]}
+        for lr in (args.lars_lr or [None])
     ]
 
 
@@ -66,6 +75,9 @@ def _train(flags: Sequence[str], common: Sequence[str], out: Path, processes: in
             "seconds": seconds, "val_images": evals[-1]["count"]}
 
 
+RUN_KEYS = {"paper": "paper", "fast": "fast", "fast full size": "fast-full", "lars 8x batch": "lars"}
+
+
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from .plan import plan
 
@@ -73,39 +85,52 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     data = args.root or "demo"
     extra = [a for a in args.train_args if a != "--"]
     common = ["--data", data, "--arch", args.arch, "--image-size", str(args.image_size), "--workers",
-              str(args.workers), "--seed", str(args.seed), "--log-every", "1000", "--wandb", "disabled",
-              "--ckpt-every", "0", "--keep-epochs", "0", *extra]
+              str(args.workers), "--log-every", "1000", "--wandb", "disabled", "--ckpt-every", "0",
+              "--keep-epochs", "0", *extra]
     train_images = _count_train_images(data)
     rows = []
     for spec in _runs(args):
         name = spec["name"]
-        if args.only and name.split()[0] not in args.only and name != "paper":
+        if args.only and RUN_KEYS[name.split(",")[0]] not in args.only and name != "paper":
             continue
-        print(f"training {name} ...", flush=True)
-        result = _train(spec["flags"], common, work / name.replace(" ", "-"), args.processes, args.timeout)
         schedule = plan([*common[2:], *spec["flags"]], args.processes, train_images)
-        rows.append({"recipe": name, **result, "global_batch": schedule["global_batch"],
-                     "peak_lr": schedule["peak_lr"], "steps": schedule["steps"],
-                     "image_pixels": schedule["image_pixels"], "train_sizes": schedule["train_sizes"]})
-        print(f"  top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {result['seconds']:.0f} s",
-              flush=True)
+        seeds = []
+        for seed in args.seeds:
+            print(f"training {name}, seed {seed} ...", flush=True)
+            out = work / f"{name.replace(' ', '-')}-seed{seed}"
+            result = _train([*spec["flags"], "--seed", str(seed)], common, out, args.processes, args.timeout)
+            print(f"  top1 {result['final_top1']:.2f} (best {result['best_top1']:.2f}) in {result['seconds']:.0f} s",
+                  flush=True)
+            seeds.append({"seed": seed, **result})
+        rows.append({"recipe": name, "seeds": seeds, "final_top1": _mean(seeds, "final_top1"),
+                     "best_top1": _mean(seeds, "best_top1"), "seconds": _mean(seeds, "seconds"),
+                     "epochs": seeds[0]["epochs"], "val_images": seeds[0]["val_images"],
+                     "global_batch": schedule["global_batch"], "peak_lr": schedule["peak_lr"],
+                     "steps": schedule["steps"], "image_pixels": schedule["image_pixels"],
+                     "train_sizes": schedule["train_sizes"]})
     paper = rows[0]
     table = []
     for r in rows:
-        table.append([r["recipe"], r["global_batch"], f"{r['peak_lr']:.4g}", r["epochs"], r["steps"],
+        per_seed = " / ".join(f"{s['final_top1']:.0f}" for s in r["seeds"])
+        table.append([r["recipe"], r["global_batch"], f"{r['peak_lr']:.4g}", r["epochs"], r["steps"], per_seed,
                       f"{r['final_top1']:.2f}", f"{r['best_top1']:.2f}", f"{r['final_top1'] - paper['final_top1']:+.2f}",
                       f"{r['image_pixels'] / 1e9:.2f}", f"{r['image_pixels'] / paper['image_pixels']:.2f}",
                       f"{r['seconds']:.0f}", r["train_sizes"]])
     print()
-    print_table(["recipe", "global batch", "peak lr", "epochs", "steps", "top1", "best", "vs paper", "Gpixels",
-                 "pixels vs paper", "seconds", "training crops"], table)
+    print_table(["recipe", "global batch", "peak lr", "epochs", "steps", "top1 by seed", "mean top1", "mean best",
+                 "vs paper", "Gpixels", "pixels vs paper", "seconds", "training crops"], table)
     print(f"\n{paper['val_images']} validation images ({100 / paper['val_images']:.2f} points each); data {data}, "
-          f"{args.arch} at {args.image_size} px, {args.processes} process(es), seed {args.seed}; runs in {work}")
+          f"{args.arch} at {args.image_size} px, {args.processes} process(es), seeds "
+          f"{' '.join(map(str, args.seeds))}; runs in {work}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return rows
+
+
+def _mean(seeds: Sequence[Dict[str, Any]], key: str) -> float:
+    return sum(s[key] for s in seeds) / len(seeds)
 
 
 def _count_train_images(data: str) -> int:
@@ -126,11 +151,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--size-multiple", type=int, default=8, help="--train-size-multiple of the fast run (small crops)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="run every recipe once per seed (default: 0)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds one run may take")
     p.add_argument("--work", help="where the runs go (default: a temporary folder, kept)")
-    p.add_argument("--lars-lr", type=float, help="the LARS run's peak lr (default: its 0.3 per 256 images, linear)")
-    p.add_argument("--only", nargs="+", choices=("fast", "lars"), help="these beside the paper's recipe (default: both)")
+    p.add_argument("--lars-lr", type=float, nargs="+",
+                   help="the LARS run's peak lr, one run each (default: one run at its 0.3 per 256 images, linear)")
+    p.add_argument("--only", nargs="+", choices=("fast", "fast-full", "lars"),
+                   help="these beside the paper's recipe (default: all)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="more train_dist.py flags for every run, after --")
     p.set_defaults(run=run)
