@@ -56,3 +56,25 @@ def test_the_command_prints_the_table():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "2,048" in out.stdout and "160 px x 31" in out.stdout and "GPU-hours" in out.stdout
+
+
+def test_recipes_benchmark_runs_what_it_names():
+    """python -m densenet.bench recipes: the flags of each run give the schedule its row is named for."""
+    import argparse
+
+    from densenet.bench.recipes import RUN_KEYS, _runs
+
+    args = argparse.Namespace(batch_size=8, size_multiple=8, lars_lr=[0.075, 1.0])
+    runs = {r["name"]: plan(["--arch", "densenet_tiny", "--image-size", "64", *r["flags"]], gpus=1, train_images=500)
+            for r in _runs(args)}
+    assert list(runs) == ["paper", "fast", "fast full size", "lars 8x batch, lr 0.075", "lars 8x batch, lr 1"]
+    assert {name.split(",")[0] for name in runs} == set(RUN_KEYS)
+    assert runs["fast"]["train_sizes"] == "48 px x 31, 56 px x 3, 64 px x 6"
+    assert runs["fast full size"]["train_sizes"] == "64 px x 40" and runs["fast full size"]["epochs"] == 40
+    assert runs["fast full size"]["peak_lr"] == runs["fast"]["peak_lr"] == pytest.approx(0.4 * 8 / 256)
+    for lr in (0.075, 1.0):
+        lars = runs[f"lars 8x batch, lr {lr:g}"]
+        assert (lars["optimizer"], lars["global_batch"], lars["epochs"]) == ("lars", 64, 90)
+        assert lars["peak_lr"] == pytest.approx(lr)
+    default = _runs(argparse.Namespace(batch_size=8, size_multiple=8, lars_lr=None))[-1]
+    assert default["name"] == "lars 8x batch" and "--lr" not in default["flags"]
