@@ -39,16 +39,19 @@ from .common import print_table
 REPO = Path(__file__).resolve().parents[2]
 
 
+ONLY = ("fast", "fast-full", "lars")  # the runs' keys but the paper's, which always runs
+
+
 def _runs(args: argparse.Namespace) -> List[Dict[str, Any]]:
     batch = args.batch_size
     return [
-        {"name": "paper", "flags": ["--recipe", "paper", "--batch-size", str(batch)]},
-        {"name": "fast", "flags": ["--recipe", "fast", "--batch-size", str(batch),
-                                   "--train-size-multiple", str(args.size_multiple)]},
-        {"name": "fast full size", "flags": ["--recipe", "fast", "--batch-size", str(batch),
-                                             "--train-size-start", "null"]},
+        {"name": "paper", "key": "paper", "flags": ["--recipe", "paper", "--batch-size", str(batch)]},
+        {"name": "fast", "key": "fast", "flags": ["--recipe", "fast", "--batch-size", str(batch),
+                                                  "--train-size-multiple", str(args.size_multiple)]},
+        {"name": "fast full size", "key": "fast-full", "flags": ["--recipe", "fast", "--batch-size", str(batch),
+                                                                 "--train-size-start", "null"]},
     ] + [
-        {"name": "lars 8x batch" + (f", lr {lr:g}" if lr else ""),
+        {"name": "lars 8x batch" + (f", lr {lr:g}" if lr else ""), "key": "lars",
          "flags": ["--optimizer", "lars", "--batch-size", str(8 * batch), *(["--lr", str(lr)] if lr else [])]}
         for lr in (args.lars_lr or [None])
     ]
@@ -75,9 +78,6 @@ def _train(flags: Sequence[str], common: Sequence[str], out: Path, processes: in
             "seconds": seconds, "val_images": evals[-1]["count"]}
 
 
-RUN_KEYS = {"paper": "paper", "fast": "fast", "fast full size": "fast-full", "lars 8x batch": "lars"}
-
-
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from .plan import plan
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     rows = []
     for spec in _runs(args):
         name = spec["name"]
-        if args.only and RUN_KEYS[name.split(",")[0]] not in args.only and name != "paper":
+        if args.only and spec["key"] not in (*args.only, "paper"):
             continue
         schedule = plan([*common[2:], *spec["flags"]], args.processes, train_images)
         seeds = []
@@ -156,7 +156,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--work", help="where the runs go (default: a temporary folder, kept)")
     p.add_argument("--lars-lr", type=float, nargs="+",
                    help="the LARS run's peak lr, one run each (default: one run at its 0.3 per 256 images, linear)")
-    p.add_argument("--only", nargs="+", choices=("fast", "fast-full", "lars"),
+    p.add_argument("--only", nargs="+", choices=ONLY,
                    help="these beside the paper's recipe (default: all)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="more train_dist.py flags for every run, after --")
